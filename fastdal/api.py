@@ -1,0 +1,270 @@
+"""Public API: iterate the loaders, run each batch through a pass, assemble results in pool order."""
+
+from __future__ import annotations
+
+import math
+import numbers
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import backends
+from .batches import batch_labels, check_loader, pool_size, split_batch, to_device, with_progress
+from .capture import Plan, model_on_device, preserved_model_state
+from .grads import LabeledGrad, as_grad_dict
+from .passes import BackwardPass, LastLayerPass, check_batchnorm_statistics, find_head, labeled_batch_grads
+
+Layers = str | Sequence[str]
+
+
+class ScoreResult(NamedTuple):
+    """Per-sample results of :func:`score`, in pool order (CPU tensors).
+
+    ``score = sq_norm + gamma * dot``; :meth:`with_gamma` gives any other variant without a new pass
+    (``gamma=0`` is expected gradient length).
+    """
+
+    score: Tensor
+    sq_norm: Tensor
+    dot: Tensor
+    pseudo_label: Tensor
+
+    def with_gamma(self, gamma: float) -> Tensor:
+        return self.sq_norm + _check_gamma(gamma) * self.dot
+
+
+def _check_gamma(gamma: Any) -> float:
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(float(gamma)):
+        raise ValueError(f"gamma must be a finite real number, got {gamma!r}")
+    return float(gamma)
+
+
+def accumulation_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
+    """float64 when every tensor is float64, float32 otherwise (bf16/fp16 models accumulate in float32)."""
+    dtypes = {t.dtype for t in tensors}
+    return torch.float64 if dtypes == {torch.float64} else torch.float32
+
+
+def score(
+    model: nn.Module,
+    pool_loader: Iterable,
+    labeled_grad: LabeledGrad | Mapping[str, Tensor],
+    *,
+    gamma: float = 2.0,
+    backend: str = "auto",
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    return_components: bool = False,
+    inputs: Callable[[Any], Any] | None = None,
+    outputs: Callable[[Any], Tensor] | None = None,
+) -> Tensor | ScoreResult:
+    """Dynamic-AL score ``||g_u||^2 + gamma <g_u, G>`` of every pool sample, in pool order.
+
+    ``g_u`` is the cross-entropy gradient of sample ``u`` at its predicted label, over the parameters
+    that ``labeled_grad`` covers; the model runs in eval mode and comes back exactly as it was.
+
+    Args:
+        model: a classifier returning logits of shape (batch, classes).
+        pool_loader: batches of pool samples, in a fixed order (a DataLoader with shuffle=False).
+        labeled_grad: from :func:`labeled_grad`, or a dict of parameter name to tensor.
+        gamma: weight of the inner-product term (the paper uses 2).
+        backend: "auto", "torch" or "reference" (fastdal.backends lists the rest).
+        device: where to compute; default: the model's device.
+        progress: show a progress bar; default: only when stderr is a terminal.
+        return_components: return a :class:`ScoreResult` instead of the scores alone.
+        inputs: maps a batch to model arguments (tensor, tuple or dict of keyword arguments).
+        outputs: maps the model's output to its logits.
+
+    Returns:
+        ``(N,)`` scores on the CPU, float64 for a float64 model and float32 otherwise.
+    """
+    gamma = _check_gamma(gamma)
+    backend = backends.resolve(backend)
+    check_loader(pool_loader, "pool_loader", pool=True)
+    grads = as_grad_dict(labeled_grad, model)
+    check_batchnorm_statistics(model)
+    params = dict(model.named_parameters())
+    dtype = accumulation_dtype(params[n] for n in grads)
+    if backend == backends.REFERENCE:
+        from . import reference
+
+        result = reference.score(
+            model, pool_loader, grads, gamma=gamma, dtype=torch.float64, device=device,
+            progress=progress, inputs=inputs, outputs=outputs, return_components=True,
+        )
+        result = ScoreResult(*(t.to(dtype) for t in result[:3]), result.pseudo_label)
+        return result if return_components else result.score
+
+    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    covered = [params[n] for n in grads]
+    with model_on_device(model, device) as dev, preserved_model_state(model, covered):
+        local = {n: g.to(device=dev, dtype=dtype) for n, g in grads.items()}
+        plan = Plan(model, local)
+        heads = list(plan.targets.values())
+        last = (
+            LastLayerPass(model, heads[0], local, dtype) if len(heads) == 1 and heads[0].kind == "linear" else None
+        )
+        full: BackwardPass | None = None
+        seen = 0
+        for batch in with_progress(pool_loader, progress, "fastdal.score"):
+            args, kwargs = to_device(split_batch(batch, inputs), dev)
+            terms = last(args, kwargs, outputs, seen) if last is not None else None
+            if terms is None:
+                # Something follows the head (or there is no single head): use the backward pass
+                # from here on.
+                last = None
+                full = full or BackwardPass(model, local, dtype)
+                terms = full(args, kwargs, outputs, seen)
+            parts.append(terms)
+            seen += terms.pseudo_label.shape[0]
+    if parts:
+        sq = torch.cat([p.sq_norm for p in parts]).cpu()
+        dot = torch.cat([p.dot for p in parts]).cpu()
+        pseudo = torch.cat([p.pseudo_label for p in parts]).cpu()
+    else:
+        sq = torch.zeros(0, dtype=dtype)
+        dot = torch.zeros(0, dtype=dtype)
+        pseudo = torch.zeros(0, dtype=torch.long)
+    result = ScoreResult(sq + gamma * dot, sq, dot, pseudo)
+    return result if return_components else result.score
+
+
+def covered_parameters(model: nn.Module, layers: Layers, head: Callable[[], str]) -> tuple[list[str], Any]:
+    """Parameter names for a ``layers`` request, and the request as stored in the LabeledGrad."""
+    params = dict(model.named_parameters())
+    if layers == "all":
+        names = [n for n, p in params.items() if p.requires_grad]
+        if not names:
+            raise ValueError("layers='all': the model has no trainable parameters (requires_grad=True)")
+        return names, "all"
+    if layers == "last":
+        name = head()
+        return [n for n, _ in model.get_submodule(name).named_parameters(prefix=name, recurse=False)], "last"
+    if isinstance(layers, str):
+        layers = [layers]
+    if not isinstance(layers, Sequence) or not layers or not all(isinstance(x, str) for x in layers):
+        raise ValueError(f"layers must be 'last', 'all' or a non-empty list of module names, got {layers!r}")
+    modules = dict(model.named_modules())
+    names: list[str] = []
+    for module_name in layers:
+        if module_name not in modules:
+            some = ", ".join(repr(n) for n in list(modules)[1:9])
+            raise ValueError(f"layers names {module_name!r}, which is not a module of the model (it has {some}, ...)")
+        for n, p in modules[module_name].named_parameters(prefix=module_name):
+            if p.requires_grad and n not in names:
+                names.append(n)
+    if not names:
+        raise ValueError(f"layers={list(layers)!r} holds no trainable parameters")
+    return names, tuple(layers)
+
+
+def labeled_grad(
+    model: nn.Module,
+    labeled_loader: Iterable,
+    *,
+    layers: Layers = "last",
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    inputs: Callable[[Any], Any] | None = None,
+    labels: Callable[[Any], Tensor] | None = None,
+    outputs: Callable[[Any], Tensor] | None = None,
+) -> LabeledGrad:
+    """``G``: the sum over the labeled set of per-sample cross-entropy gradients at the true labels.
+
+    One batched backward per batch, model in eval mode; the model comes back exactly as it was.
+
+    Args:
+        model: a classifier returning logits of shape (batch, classes).
+        labeled_loader: batches of (inputs, labels), or anything ``inputs``/``labels`` can read.
+        layers: "last" (the final nn.Linear), "all" (every trainable parameter) or module names.
+        device, progress, inputs, outputs: as in :func:`score`.
+        labels: maps a batch to its integer labels (default: the batch's second element).
+    """
+    check_loader(labeled_loader, "labeled_loader", pool=False)
+    check_batchnorm_statistics(model)
+    params = dict(model.named_parameters())
+    total: dict[str, Tensor] | None = None
+    request: Any = None
+    count = 0
+    with model_on_device(model, device) as dev, preserved_model_state(model):
+        for batch in with_progress(labeled_loader, progress, "fastdal.labeled_grad"):
+            args, kwargs = to_device(split_batch(batch, inputs), dev)
+            y = to_device(batch_labels(batch, labels), dev)
+            if total is None:
+                names, request = covered_parameters(model, layers, lambda: find_head(model, args, kwargs, outputs))
+                _check_embeddings(model, names)
+                for n in names:  # frozen parameters named explicitly still get their gradient
+                    params[n].requires_grad_(True)
+                dtype = accumulation_dtype(params[n] for n in names)
+                total = {n: torch.zeros_like(params[n], dtype=dtype) for n in names}
+            for n, g in labeled_batch_grads(model, list(total), args, kwargs, y, outputs, count).items():
+                total[n] += g.to(total[n].dtype)
+            count += y.shape[0]
+    if total is None:
+        raise ValueError("labeled_loader yielded no batches: the labeled set must not be empty")
+    return LabeledGrad(total, request, count)
+
+
+def _check_embeddings(model: nn.Module, names: list[str]) -> None:
+    for module_name, m in model.named_modules():
+        if isinstance(m, nn.Embedding) and m.scale_grad_by_freq and f"{module_name}.weight".lstrip(".") in names:
+            raise ValueError(
+                f"Embedding {module_name!r} has scale_grad_by_freq=True: its batched gradient is scaled by counts "
+                "over the whole batch, so it is not the sum of per-sample gradients"
+            )
+
+
+def select(scores: Tensor | ScoreResult, b: int) -> Tensor:
+    """Indices of the ``b`` highest scores, highest first; ties go to the lower index.
+
+    Raises:
+        ValueError: if ``b`` is not in ``[0, len(scores)]`` or a score is NaN.
+    """
+    if isinstance(scores, ScoreResult):
+        scores = scores.score
+    scores = torch.as_tensor(scores)
+    if scores.dim() != 1:
+        raise ValueError(f"scores must be one-dimensional, got shape {tuple(scores.shape)}")
+    if isinstance(b, bool) or not isinstance(b, numbers.Integral):
+        raise TypeError(f"b must be an integer, got {type(b).__name__}")
+    if not 0 <= b <= scores.shape[0]:
+        raise ValueError(f"b must be between 0 and the pool size {scores.shape[0]}, got {b}")
+    if scores.is_floating_point() and torch.isnan(scores).any():
+        raise ValueError(f"scores contain NaN at index {int(torch.isnan(scores).nonzero()[0, 0])}")
+    order = torch.sort(scores, descending=True, stable=True).indices
+    return order[: int(b)]
+
+
+def query(
+    model: nn.Module,
+    pool_loader: Iterable,
+    labeled_loader: Iterable,
+    b: int,
+    *,
+    layers: Layers = "last",
+    gamma: float = 2.0,
+    backend: str = "auto",
+    device: torch.device | str | None = None,
+    progress: bool | None = None,
+    inputs: Callable[[Any], Any] | None = None,
+    labels: Callable[[Any], Tensor] | None = None,
+    outputs: Callable[[Any], Tensor] | None = None,
+) -> Tensor:
+    """The paper's query: :func:`labeled_grad`, then :func:`score`, then the top-``b`` pool indices."""
+    _check_gamma(gamma)
+    backends.resolve(backend)
+    check_loader(pool_loader, "pool_loader", pool=True)
+    size = pool_size(pool_loader)
+    if size is not None:
+        select(torch.zeros(size), b)  # checks b against the pool size before any work is done
+    grad = labeled_grad(
+        model, labeled_loader, layers=layers, device=device, progress=progress,
+        inputs=inputs, labels=labels, outputs=outputs,
+    )
+    scores = score(
+        model, pool_loader, grad, gamma=gamma, backend=backend, device=device, progress=progress,
+        inputs=inputs, outputs=outputs,
+    )
+    return select(scores, b)

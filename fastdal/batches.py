@@ -1,0 +1,164 @@
+"""Reading loaders: what a batch holds, where it goes, and whether a pool loader keeps pool order."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data.sampler import BatchSampler
+from torch.utils._pytree import tree_map
+
+InputsFn = Callable[[Any], Any]
+
+
+def check_loader(loader: object, argument: str, *, pool: bool) -> None:
+    """Refuse what cannot be iterated as batches, and pool loaders that would reorder or drop samples."""
+    if isinstance(loader, Tensor) or not isinstance(loader, Iterable):
+        raise TypeError(
+            f"{argument} must be an iterable of batches such as a torch.utils.data.DataLoader, got "
+            f"{type(loader).__name__}; wrap tensors as DataLoader(TensorDataset(x), batch_size=...)"
+        )
+    if not pool or not isinstance(loader, DataLoader):
+        return
+    sampler = loader.batch_sampler.sampler if isinstance(loader.batch_sampler, BatchSampler) else loader.sampler
+    if loader.batch_sampler is not None and not isinstance(loader.batch_sampler, BatchSampler):
+        raise ValueError(
+            f"{argument} uses a custom batch_sampler ({type(loader.batch_sampler).__name__}); scores are returned "
+            "in iteration order, so the pool loader must visit samples in order: use batch_size with shuffle=False"
+        )
+    if not isinstance(sampler, SequentialSampler) and not isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        raise ValueError(
+            f"{argument} draws samples with {type(sampler).__name__}, so the scores would not line up with the "
+            "pool; build the pool loader with shuffle=False (a SequentialSampler)"
+        )
+    if loader.drop_last:
+        raise ValueError(f"{argument} has drop_last=True, which would leave pool samples unscored")
+
+
+def pool_size(loader: object) -> int | None:
+    """Number of samples a DataLoader over a sized dataset will yield, else None."""
+    if isinstance(loader, DataLoader) and not isinstance(loader.dataset, torch.utils.data.IterableDataset):
+        try:
+            return len(loader.dataset)
+        except TypeError:
+            return None
+    return None
+
+
+def split_batch(batch: Any, inputs: InputsFn | None) -> tuple[tuple, dict]:
+    """Model arguments of a batch: ``inputs(batch)`` if given, else the batch or its first element.
+
+    ``inputs`` may return a tensor (one argument), a tuple/list (positional arguments) or a dict
+    (keyword arguments).
+    """
+    if inputs is not None:
+        value = inputs(batch)
+        if isinstance(value, dict):
+            return (), value
+        if isinstance(value, (tuple, list)):
+            return tuple(value), {}
+        return (value,), {}
+    if isinstance(batch, Tensor):
+        return (batch,), {}
+    if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
+        return (batch[0],), {}
+    raise TypeError(
+        f"cannot read model inputs from a batch of type {_describe(batch)}: expected a tensor or a "
+        "tuple/list whose first element is the input tensor; pass inputs=lambda batch: ... to map "
+        "other batch structures to model arguments"
+    )
+
+
+def batch_labels(batch: Any, labels: Callable[[Any], Tensor] | None) -> Tensor:
+    """True labels of a labeled batch: ``labels(batch)`` if given, else its second element."""
+    if labels is not None:
+        value = labels(batch)
+    elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
+        value = batch[1]
+    else:
+        raise TypeError(
+            f"cannot read labels from a labeled batch of type {_describe(batch)}: expected (inputs, labels); "
+            "pass labels=lambda batch: ... to say where the labels are"
+        )
+    if not isinstance(value, Tensor):
+        value = torch.as_tensor(value)
+    return value
+
+
+def check_labels(y: Tensor, batch_size: int, num_classes: int, first_index: int) -> None:
+    if y.dtype in (torch.bool,) or y.is_floating_point() or y.is_complex():
+        raise TypeError(f"labels must be integer class indices, got dtype {y.dtype} (at labeled index {first_index})")
+    if y.shape != (batch_size,):
+        raise ValueError(
+            f"labels must have shape ({batch_size},) to match the batch, got {tuple(y.shape)} "
+            f"(batch starting at labeled index {first_index})"
+        )
+    bad = (y < 0) | (y >= num_classes)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"label {int(y[i])} at labeled index {first_index + i} is outside [0, {num_classes}) for a model with "
+            f"{num_classes} classes"
+        )
+
+
+def read_logits(output: Any, outputs: Callable[[Any], Tensor] | None) -> Tensor:
+    """The (batch, classes) logits in a model's output."""
+    if outputs is not None:
+        output = outputs(output)
+    elif not isinstance(output, Tensor):
+        logits = getattr(output, "logits", None)
+        if logits is None and isinstance(output, dict):
+            logits = output.get("logits")
+        if logits is None:
+            raise TypeError(
+                f"the model returned {_describe(output)}, not a logits tensor; pass outputs=lambda out: ... "
+                "to say where the logits are"
+            )
+        output = logits
+    if not isinstance(output, Tensor) or output.dim() != 2 or not output.is_floating_point():
+        raise ValueError(
+            f"the model's logits must be a floating-point tensor of shape (batch, classes), got {_describe(output)}"
+        )
+    return output
+
+
+def check_finite(logits: Tensor, first_index: int, what: str) -> None:
+    bad = ~torch.isfinite(logits).all(dim=1)
+    if bad.any():
+        i = int(bad.nonzero()[0, 0])
+        raise ValueError(
+            f"the model's logits for {what} index {first_index + i} are not finite (nan or inf); "
+            f"{int(bad.sum())} sample(s) of this batch are affected"
+        )
+
+
+def to_device(obj: Any, device: torch.device) -> Any:
+    return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, Tensor) else t, obj)
+
+
+def with_progress(loader: Iterable, progress: bool | None, desc: str) -> Iterator:
+    """Iterate ``loader``, with a tqdm bar if ``progress`` (default: only when stderr is a terminal)."""
+    show = sys.stderr.isatty() if progress is None else bool(progress)
+    if not show:
+        yield from loader
+        return
+    from tqdm.auto import tqdm
+
+    total = len(loader) if hasattr(loader, "__len__") else None
+    with tqdm(loader, total=total, desc=desc, unit="batch", leave=False) as bar:
+        yield from bar
+
+
+def _describe(x: Any) -> str:
+    if isinstance(x, Tensor):
+        return f"Tensor(shape={tuple(x.shape)}, dtype={x.dtype})"
+    if isinstance(x, dict):
+        return f"dict with keys {list(x)[:6]}"
+    if isinstance(x, (tuple, list)):
+        return f"{type(x).__name__} of {len(x)} ({', '.join(type(v).__name__ for v in x[:4])})"
+    return type(x).__name__

@@ -1,0 +1,303 @@
+"""Find the layers a gradient covers, record their inputs and outputs, and give the model back as it came.
+
+Every pass over a model runs inside :func:`preserved_model_state`, which puts the model in eval mode
+and restores each module's train/eval flag and each parameter's ``requires_grad`` afterwards, also
+when an exception escapes. Hooks are only ever added through :class:`Recorder`, which removes them
+on exit, so the user's hook lists come back unchanged. ``.grad`` is never touched: gradients are
+taken with ``torch.autograd.grad``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils._pytree import tree_flatten, tree_map
+
+# Module types whose per-sample gradient terms fastdal computes in closed form (fastdal/layers.py).
+# A subclass that overrides ``forward`` computes something else, so it falls to the generic path.
+_KINDS: tuple[tuple[type[nn.Module], str, Any], ...] = (
+    (nn.Linear, "linear", nn.Linear.forward),
+    (nn.Conv1d, "conv", nn.Conv1d.forward),
+    (nn.Conv2d, "conv", nn.Conv2d.forward),
+    (nn.modules.batchnorm._BatchNorm, "batchnorm", nn.modules.batchnorm._BatchNorm.forward),
+    (nn.LayerNorm, "layernorm", nn.LayerNorm.forward),
+    (nn.GroupNorm, "groupnorm", nn.GroupNorm.forward),
+    (nn.RMSNorm, "rmsnorm", nn.RMSNorm.forward),
+    (nn.Embedding, "embedding", nn.Embedding.forward),
+)
+
+
+def module_kind(module: nn.Module) -> str:
+    """The closed-form family of ``module`` ('linear', 'conv', ...), or 'generic'."""
+    for cls, kind, forward in _KINDS:
+        if isinstance(module, cls) and type(module).forward is forward:
+            return kind
+    return "generic"
+
+
+# --------------------------------------------------------------------------------------------------
+# Model state
+# --------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def preserved_model_state(model: nn.Module, needs_grad: Iterable[nn.Parameter] = ()) -> Iterator[None]:
+    """Run the body with ``model`` in eval mode and ``needs_grad`` requiring grad; restore both after.
+
+    Each module's own ``training`` flag is saved and written back (``model.train(flag)`` would
+    overwrite the flags of submodules a user froze in eval mode on purpose).
+    """
+    training = [(m, m.training) for m in model.modules()]
+    flags = [(p, p.requires_grad) for p in model.parameters()]
+    try:
+        model.eval()
+        for p in needs_grad:
+            p.requires_grad_(True)
+        yield
+    finally:
+        for m, was_training in training:
+            m.training = was_training
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextlib.contextmanager
+def model_on_device(model: nn.Module, device: torch.device | None) -> Iterator[torch.device]:
+    """Yield the device to compute on; if ``device`` differs from the model's, move it there and back.
+
+    ``Module.to`` swaps ``param.data`` in place, so parameter objects (and optimizers holding them)
+    stay valid, and moving back restores the original device.
+    """
+    home = model_device(model)
+    if device is None or torch.device(device) == home:
+        yield home
+        return
+    target = torch.device(device)
+    model.to(target)
+    try:
+        yield target
+    finally:
+        model.to(home)
+
+
+def model_device(model: nn.Module) -> torch.device:
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+# --------------------------------------------------------------------------------------------------
+# Which modules compute which parameters' terms
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Target:
+    """One module whose recorded calls give the per-sample gradient terms of some parameters.
+
+    ``params`` maps the parameter's path inside ``module`` (``"weight"``, ``"out_proj.bias"``) to its
+    name in the model (the key of the labeled gradient). ``copy_output`` is set when the model
+    modifies this module's output in place, so the recorded output must be kept apart.
+    """
+
+    name: str
+    module: nn.Module
+    kind: str
+    params: dict[str, str] = field(default_factory=dict)
+    copy_output: bool = False
+
+
+@dataclass(eq=False)
+class Call:
+    """One recorded call of a target module: its inputs, its tensor outputs and their gradients."""
+
+    args: tuple
+    kwargs: dict
+    outputs: list[torch.Tensor]
+    versions: list[int]
+    deltas: list[torch.Tensor | None] | None = None
+
+    def modified_in_place(self) -> bool:
+        return any(t._version != v for t, v in zip(self.outputs, self.versions))
+
+
+class Plan:
+    """The set of targets covering a set of named parameters, refined as the model is observed.
+
+    Parameters are first given to the module that holds them. A module that is never called (its
+    parent uses its weights directly, as ``nn.MultiheadAttention`` does with ``out_proj``), or whose
+    input has no sample dimension (a positional embedding looked up once and broadcast), hands its
+    parameters up to its parent, which is then treated generically; a parameter shared by several
+    modules goes to their closest common ancestor. Parameters that do not reach the output at all
+    have a zero gradient and are dropped.
+    """
+
+    def __init__(self, model: nn.Module, names: Iterable[str]):
+        self.model = model
+        self.modules = dict(model.named_modules())
+        self.targets: dict[str, Target] = {}
+        params = dict(model.named_parameters())
+        holders: dict[int, list[str]] = {}
+        for module_name, module in self.modules.items():
+            for local, p in module.named_parameters(recurse=False):
+                holders.setdefault(id(p), []).append(_join(module_name, local))
+        for name in names:
+            paths = holders[id(params[name])]
+            if len(paths) == 1:
+                owner, local = _split(paths[0])
+            else:
+                owner = _common_prefix([_split(p)[0] for p in paths])
+                local = _relative(paths[0], owner)
+            self._give(owner, local, name)
+
+    def _give(self, module_name: str, local: str, full_name: str) -> None:
+        target = self.targets.get(module_name)
+        if target is None:
+            module = self.modules[module_name]
+            kind = module_kind(module)
+            if kind != "generic" and "." in local:
+                kind = "generic"  # a closed-form module only knows its own weight and bias
+            target = self.targets[module_name] = Target(module_name, module, kind)
+        elif "." in local:
+            target.kind = "generic"
+        target.params[local] = full_name
+
+    def hand_up(self, target: Target) -> None:
+        """Give ``target``'s parameters to its parent module, which handles them generically."""
+        del self.targets[target.name]
+        parent, leaf = _split(target.name) if target.name else ("", "")
+        if not target.name:
+            raise RuntimeError("fastdal: the model's own call could not be read per sample")
+        for local, full_name in target.params.items():
+            self._give(parent, _join(leaf, local), full_name)
+        self.targets[parent].kind = "generic"
+
+    def describe(self) -> str:
+        return ", ".join(f"{t.name or '<model>'} ({t.kind})" for t in self.targets.values())
+
+
+def _join(prefix: str, name: str) -> str:
+    return f"{prefix}.{name}" if prefix else name
+
+
+def _split(path: str) -> tuple[str, str]:
+    head, _, tail = path.rpartition(".")
+    return head, tail
+
+
+def _common_prefix(module_names: list[str]) -> str:
+    parts = [n.split(".") if n else [] for n in module_names]
+    common: list[str] = []
+    for level in zip(*parts):
+        if len(set(level)) != 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
+
+
+def _relative(path: str, ancestor: str) -> str:
+    return path[len(ancestor) + 1 :] if ancestor else path
+
+
+# --------------------------------------------------------------------------------------------------
+# Recording calls
+# --------------------------------------------------------------------------------------------------
+
+
+class Recorder:
+    """Forward hooks on a plan's modules that record each call while ``recording`` is true.
+
+    The hooks are prepended, so they see what the module itself returned, before any hook of the
+    user's changes it. Used as a context manager; the hooks are removed on exit.
+    """
+
+    def __init__(self, targets: Iterable[Target]):
+        self.targets = list(targets)
+        self.calls: dict[Target, list[Call]] = {t: [] for t in self.targets}
+        self.order: list[Target] = []  # targets in the order their calls happened
+        self.recording = False
+        self._handles: list[Any] = []
+
+    def __enter__(self) -> Recorder:
+        try:
+            for target in self.targets:
+                self._handles.append(
+                    target.module.register_forward_hook(self._hook(target), with_kwargs=True, prepend=True)
+                )
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def _hook(self, target: Target):
+        def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            if not self.recording:
+                return None
+            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
+            self.calls[target].append(Call(args, kwargs, tensors, [t._version for t in tensors]))
+            self.order.append(target)
+            if target.copy_output:
+                # The model writes into this output later (``out += identity``, ``relu_``); give it a
+                # copy so the recorded tensor keeps the value whose gradient we need.
+                return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, output)
+            return None
+
+        return hook
+
+    @contextlib.contextmanager
+    def record(self) -> Iterator[dict[Target, list[Call]]]:
+        for calls in self.calls.values():
+            calls.clear()
+        self.order.clear()
+        self.recording = True
+        try:
+            yield self.calls
+        finally:
+            self.recording = False
+
+
+def reachable_parameters(root: torch.Tensor) -> set[int]:
+    """ids of the parameters (autograd leaves) that ``root`` depends on, by walking its graph."""
+    found: set[int] = set()
+    seen: set[Any] = set()
+    stack = [root.grad_fn]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        variable = getattr(node, "variable", None)
+        if variable is not None:
+            found.add(id(variable))
+        stack.extend(next_node for next_node, _ in node.next_functions)
+    return found
+
+
+def batch_dim(t: Any, batch_size: int, feature_dims: int | None) -> int | None:
+    """The dimension of ``t`` that indexes samples, or None if it has none.
+
+    Dimension 0 when its size is the batch size. For layers that accept sequence-first layouts such
+    as ``(T, B, C)`` (``feature_dims`` given: the number of trailing feature dimensions), otherwise the
+    only other leading dimension of that size. ``None`` for ``feature_dims`` allows dimension 0 only.
+    """
+    if not isinstance(t, torch.Tensor) or t.dim() == 0:
+        return None
+    if t.shape[0] == batch_size:
+        return 0
+    if feature_dims is not None:
+        dims = [d for d in range(1, t.dim() - feature_dims) if t.shape[d] == batch_size]
+        if len(dims) == 1:
+            return dims[0]
+    return None

@@ -1,0 +1,109 @@
+"""Exact per-sample gradient terms for modules with no closed form, by vectorizing their VJP.
+
+For one recorded call of module ``m`` with inputs ``x`` and output gradient ``delta``, the gradient of
+sample ``i`` is ``d/dtheta <m(x_i; theta), delta_i>``: ``torch.func.grad`` of that scalar, mapped over
+samples with ``torch.func.vmap``. Samples are processed in chunks so that a chunk's per-sample
+gradients stay under :data:`fastdal.layers.CHUNK_ELEMENTS`. If ``vmap`` cannot map the module (an
+operator without a batching rule), the same function runs one sample at a time.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call, grad, vmap
+from torch.utils._pytree import tree_flatten, tree_unflatten
+
+from .capture import Call, Target, batch_dim
+from .layers import _chunks, _sq_and_dot
+
+
+def sample_dim(module: nn.Module, t: object, batch_size: int) -> int | None:
+    """Sample dimension of a generic module's input or output tensor (None: shared by all samples)."""
+    if (
+        getattr(module, "batch_first", True) is False
+        and isinstance(t, Tensor)
+        and t.dim() >= 3
+        and t.shape[1] == batch_size
+    ):
+        return 1  # sequence-first modules (nn.MultiheadAttention, RNNs) take (T, B, ...)
+    return batch_dim(t, batch_size, feature_dims=1)
+
+
+def readable(target: Target, call: Call, batch_size: int) -> bool:
+    """Every output that carries a gradient must have a sample dimension."""
+    return all(
+        sample_dim(target.module, o, batch_size) is not None for o in call.outputs if o.requires_grad
+    )
+
+
+def _per_sample_gradients(
+    module: nn.Module, params: dict[str, Tensor], call: Call, samples: slice, batch_size: int
+) -> dict[str, Tensor]:
+    """Per-sample gradients ``{local name: (b, *shape)}`` of one call, for the samples in ``samples``."""
+    leaves, spec = tree_flatten((call.args, call.kwargs))
+    batched = []  # (leaf index, sample dim, chunk of the tensor)
+    for i, leaf in enumerate(leaves):
+        dim = sample_dim(module, leaf, batch_size) if isinstance(leaf, Tensor) else None
+        if dim is not None:
+            batched.append((i, dim, leaf.detach().narrow(dim, samples.start, samples.stop - samples.start)))
+    outs = []  # (output index, sample dim, chunk of its gradient)
+    for j, (o, d) in enumerate(zip(call.outputs, call.deltas or [])):
+        if d is not None:
+            dim = sample_dim(module, o, batch_size)
+            outs.append((j, dim, d.narrow(dim, samples.start, samples.stop - samples.start)))
+    if not outs:
+        return {k: v.new_zeros((samples.stop - samples.start, *v.shape)) for k, v in params.items()}
+
+    def sample_loss(p: dict[str, Tensor], xs: list[Tensor], ds: list[Tensor]) -> Tensor:
+        # One sample: put back a batch dimension of size 1 where each tensor had its sample dimension.
+        args = list(leaves)
+        for (i, dim, _), x in zip(batched, xs):
+            args[i] = x.unsqueeze(dim)
+        call_args, call_kwargs = tree_unflatten(args, spec)
+        flat_out = [t for t in tree_flatten(functional_call(module, p, call_args, call_kwargs))[0] if isinstance(t, Tensor)]
+        return sum((flat_out[j] * d.unsqueeze(dim)).sum() for (j, dim, _), d in zip(outs, ds))
+
+    xs = [x for _, _, x in batched]
+    ds = [d for _, _, d in outs]
+    in_dims = (None, [dim for _, dim, _ in batched], [dim for _, dim, _ in outs])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*There is a performance drop.*")
+        try:
+            return vmap(grad(sample_loss), in_dims=in_dims)(params, xs, ds)
+        except (RuntimeError, NotImplementedError, ValueError) as err:
+            warnings.warn(f"fastdal: vmap could not map {type(module).__name__} ({err}); looping over samples", stacklevel=4)
+    rows = []
+    for k in range(samples.stop - samples.start):
+        rows.append(
+            grad(sample_loss)(params, [x.select(dim, k) for (_, dim, _), x in zip(batched, xs)],
+                              [d.select(dim, k) for (_, dim, _), d in zip(outs, ds)])
+        )
+    return {name: torch.stack([r[name] for r in rows]) for name in params}
+
+
+def generic_terms(
+    target: Target, calls: list[Call], grads: dict[str, Tensor], batch_size: int, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """``||g||^2`` and ``<g, G>`` over ``target.params``, summing each sample's gradient over calls."""
+    module = target.module
+    params = {local: module.get_parameter(local).detach() for local in target.params}
+    size = sum(p.numel() for p in params.values())
+    device = next(iter(params.values())).device
+    sq = torch.zeros(batch_size, dtype=dtype, device=device)
+    dot = torch.zeros_like(sq)
+    with torch.no_grad():
+        for samples in _chunks(batch_size, size):
+            total: dict[str, Tensor] | None = None
+            for call in calls:
+                g = _per_sample_gradients(module, params, call, samples, batch_size)
+                total = g if total is None else {k: total[k] + g[k] for k in total}
+            if total is None:
+                continue
+            for local, g in total.items():
+                s, d = _sq_and_dot(g.to(dtype), grads[local])
+                sq[samples] += s
+                dot[samples] += d
+    return sq, dot

@@ -1,0 +1,207 @@
+"""One batch through the model: the closed-form last-layer pass and the one-backward whole-model pass.
+
+Both return, per sample, ``||g||^2``, ``<g, G>`` and the pseudo label, for the parameters that ``G``
+covers. The whole-model pass runs one forward with grad and **one** backward from the logits (seeded
+with ``softmax(z) - onehot(yhat)``) to the output of every covered module; it asks autograd for those
+outputs only, so no weight gradient is ever formed.
+"""
+
+from __future__ import annotations
+
+import warnings
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import torch
+from torch import Tensor, nn
+
+from . import generic, layers
+from .batches import check_finite, check_labels, read_logits
+from .capture import Call, Plan, Recorder, Target, reachable_parameters
+from .ops import last_layer_terms
+
+# The first batch may reveal that the plan needs changing (a module never called, an output written
+# in place); each change re-runs that batch. Each module changes at most twice per depth level.
+_MAX_REFINEMENTS = 64
+
+
+class BatchTerms(NamedTuple):
+    sq_norm: Tensor
+    dot: Tensor
+    pseudo_label: Tensor
+
+
+def residual(logits: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """``softmax(z) - onehot(y)``: the gradient of the summed cross-entropy with respect to the logits."""
+    e = torch.softmax(logits.detach().to(dtype), dim=1)
+    e[torch.arange(e.shape[0], device=e.device), labels] -= 1
+    return e
+
+
+def check_batchnorm_statistics(model: nn.Module) -> None:
+    """Refuse BatchNorm without running statistics: in eval mode it still mixes the samples of a batch."""
+    for name, m in model.named_modules():
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.running_mean is None:
+            raise ValueError(
+                f"BatchNorm {name!r} has track_running_stats=False, so even in eval mode it normalizes with "
+                "the statistics of the batch and samples depend on each other; per-sample gradients are not "
+                "defined for such a model"
+            )
+
+
+def forward_recorded(
+    model: nn.Module, targets: list[Target], args: tuple, kwargs: dict, outputs: Callable | None, grad: bool
+) -> tuple[dict[Target, list[Call]], list[Target], Tensor]:
+    """Run the model once with the targets' calls recorded; returns (calls, call order, logits)."""
+    with Recorder(targets) as recorder, recorder.record() as calls, torch.set_grad_enabled(grad):
+        out = model(*args, **kwargs)
+        logits = read_logits(out, outputs)
+    return calls, list(recorder.order), logits
+
+
+class LastLayerPass:
+    """Closed form for a covered final ``nn.Linear``: one no-grad forward, no backward."""
+
+    def __init__(self, model: nn.Module, target: Target, grads: dict[str, Tensor], dtype: torch.dtype):
+        self.model, self.target, self.dtype = model, target, dtype
+        self.weight_grad = grads.get(target.params.get("weight", ""))
+        self.bias_grad = grads.get(target.params.get("bias", ""))
+
+    def __call__(self, args: tuple, kwargs: dict, outputs: Callable | None, first_index: int) -> BatchTerms | None:
+        """Terms for the batch, or None when the head's output is not the model's output unchanged."""
+        calls, _, logits = forward_recorded(self.model, [self.target], args, kwargs, outputs, grad=False)
+        record = calls[self.target]
+        if len(record) != 1 or record[0].outputs[0] is not logits or record[0].modified_in_place():
+            return None
+        h = layers.data_input(record[0])
+        if h.dim() != 2:
+            return None
+        check_finite(logits, first_index, "pool")
+        return BatchTerms(*last_layer_terms(h, logits, self.weight_grad, self.bias_grad, self.dtype))
+
+
+class BackwardPass:
+    """Any set of covered parameters: one forward with grad and one backward per batch."""
+
+    def __init__(self, model: nn.Module, grads: dict[str, Tensor], dtype: torch.dtype):
+        self.model, self.grads, self.dtype = model, grads, dtype
+        self.plan = Plan(model, grads)
+        self.warned: set[str] = set()
+
+    def __call__(self, args: tuple, kwargs: dict, outputs: Callable | None, first_index: int) -> BatchTerms:
+        for _ in range(_MAX_REFINEMENTS):
+            targets = list(self.plan.targets.values())
+            calls, _, logits = forward_recorded(self.model, targets, args, kwargs, outputs, grad=True)
+            if not self._refine(calls, logits):
+                break
+        else:
+            raise RuntimeError(f"fastdal: could not settle which modules to read ({self.plan.describe()})")
+        self._warn_generic()
+        check_finite(logits, first_index, "pool")
+        batch_size = logits.shape[0]
+        pseudo = logits.argmax(dim=1)
+        self._backward(calls, logits, residual(logits, pseudo, self.dtype))
+        sq = torch.zeros(batch_size, dtype=self.dtype, device=logits.device)
+        dot = torch.zeros_like(sq)
+        for target, record in calls.items():
+            if not record:
+                continue  # not called in this batch: its parameters got no gradient
+            local_grads = {local: self.grads[full] for local, full in target.params.items()}
+            terms = generic.generic_terms if target.kind == "generic" else layers.CLOSED_FORM[target.kind]
+            s, d = terms(target, record, local_grads, batch_size, self.dtype)
+            sq += s
+            dot += d
+        return BatchTerms(sq, dot, pseudo)
+
+    def _refine(self, calls: dict[Target, list[Call]], logits: Tensor) -> bool:
+        """Adjust the plan to what this batch showed; True if the batch must run again."""
+        batch_size = logits.shape[0]
+        changed = False
+        reachable: set[int] | None = None
+        for target, record in calls.items():
+            if not record:
+                # Never called, yet its parameters may still shape the output (a parent using the
+                # weights directly): then the parent must handle them.
+                if reachable is None:
+                    reachable = reachable_parameters(logits) if logits.requires_grad else set()
+                if any(id(target.module.get_parameter(p)) in reachable for p in target.params):
+                    self.plan.hand_up(target)
+                    changed = True
+                continue
+            is_readable = generic.readable if target.kind == "generic" else layers.readable
+            if not all(is_readable(target, call, batch_size) for call in record):
+                self.plan.hand_up(target)
+                changed = True
+            elif not target.copy_output and any(call.modified_in_place() for call in record):
+                target.copy_output = True
+                changed = True
+        return changed
+
+    def _backward(self, calls: dict[Target, list[Call]], logits: Tensor, seed: Tensor) -> None:
+        """Fill every call's ``deltas`` with the gradient of the pseudo-label loss at its outputs."""
+        wanted: dict[int, int] = {}
+        tensors: list[Tensor] = []
+        for record in calls.values():
+            for call in record:
+                for o in call.outputs:
+                    if o.requires_grad and id(o) not in wanted:
+                        wanted[id(o)] = len(tensors)
+                        tensors.append(o)
+        grads: tuple[Tensor | None, ...] = (None,) * len(tensors)
+        if tensors and logits.requires_grad:
+            grads = torch.autograd.grad(logits, tensors, grad_outputs=seed.to(logits.dtype), allow_unused=True)
+        for record in calls.values():
+            for call in record:
+                call.deltas = [grads[wanted[id(o)]] if id(o) in wanted else None for o in call.outputs]
+
+    def _warn_generic(self) -> None:
+        for target in self.plan.targets.values():
+            if target.kind == "generic" and target.name not in self.warned:
+                self.warned.add(target.name)
+                warnings.warn(
+                    f"fastdal: module {target.name or '<model>'!r} ({type(target.module).__name__}) has no closed "
+                    f"form for {sorted(target.params)}; its per-sample gradients come from torch.func.vmap "
+                    "(exact, slower)",
+                    stacklevel=4,
+                )
+
+
+def find_head(model: nn.Module, args: tuple, kwargs: dict, outputs: Callable | None) -> str:
+    """Name of the model's final ``nn.Linear``: the one whose output is the model's output, else the
+    last one called."""
+    from .capture import module_kind
+
+    linears = [Target(name, m, "linear") for name, m in model.named_modules() if module_kind(m) == "linear"]
+    calls, order, logits = forward_recorded(model, linears, args, kwargs, outputs, grad=False)
+    for target in linears:
+        if any(call.outputs and call.outputs[0] is logits for call in calls[target]):
+            return target.name
+    if order:
+        return order[-1].name
+    raise ValueError(
+        "layers='last' needs a final nn.Linear, but the model called no nn.Linear "
+        f"({'it has none' if not linears else 'none of its nn.Linear modules ran'}); "
+        "use layers='all' or a list of module names"
+    )
+
+
+def labeled_batch_grads(
+    model: nn.Module,
+    names: list[str],
+    args: tuple,
+    kwargs: dict,
+    labels: Tensor,
+    outputs: Callable | None,
+    first_index: int,
+) -> dict[str, Tensor]:
+    """Summed cross-entropy gradient of a labeled batch at its true labels: one batched backward."""
+    params = dict(model.named_parameters())
+    with torch.enable_grad():
+        logits = read_logits(model(*args, **kwargs), outputs)
+        check_labels(labels, logits.shape[0], logits.shape[1], first_index)
+        check_finite(logits, first_index, "labeled")
+        # Low-precision logits go through the loss in float32, as the accumulation is float32.
+        z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
+        loss = torch.nn.functional.cross_entropy(z, labels, reduction="sum")
+        grads = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    return {n: torch.zeros_like(params[n]) if g is None else g.to_dense() for n, g in zip(names, grads)}
