@@ -1,0 +1,50 @@
+"""Loaders and model-state snapshots used across the tests."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+
+def loaders(make_inputs, classes, dtype, n_labeled=9, n_pool=13, batch_size=5):
+    x = make_inputs(n_labeled + n_pool, dtype)
+    y = torch.randint(0, classes, (n_labeled + n_pool,))
+    labeled = DataLoader(TensorDataset(x[:n_labeled], y[:n_labeled]), batch_size=batch_size, shuffle=True)
+    pool = DataLoader(TensorDataset(x[n_labeled:]), batch_size=batch_size)
+    return labeled, pool
+
+
+def snapshot(model: nn.Module) -> dict:
+    """Everything of a model that fastdal promises to leave as it found it."""
+    hook_dicts = (
+        "_forward_hooks",
+        "_forward_hooks_with_kwargs",
+        "_forward_pre_hooks",
+        "_backward_hooks",
+        "_backward_pre_hooks",
+    )
+    return {
+        "training": {n: m.training for n, m in model.named_modules()},
+        "requires_grad": {n: p.requires_grad for n, p in model.named_parameters()},
+        "grad": {n: (None if p.grad is None else (id(p.grad), p.grad.clone())) for n, p in model.named_parameters()},
+        "hooks": {n: {h: dict(getattr(m, h)) for h in hook_dicts} for n, m in model.named_modules()},
+        "values": {n: t.detach().clone() for n, t in model.state_dict(keep_vars=True).items()},
+    }
+
+
+def assert_same_state(before: dict, after: dict) -> None:
+    assert after["training"] == before["training"]
+    assert after["requires_grad"] == before["requires_grad"]
+    assert after["hooks"].keys() == before["hooks"].keys()
+    for name in before["hooks"]:
+        for kind, hooks in before["hooks"][name].items():
+            assert after["hooks"][name][kind].keys() == hooks.keys(), (name, kind)
+    for name, grad in before["grad"].items():
+        now = after["grad"][name]
+        if grad is None:
+            assert now is None, name
+        else:
+            assert now[0] == grad[0] and torch.equal(now[1], grad[1]), name
+    for name, value in before["values"].items():
+        assert torch.equal(after["values"][name], value), name
