@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 import numbers
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from functools import partial
 from typing import Any, NamedTuple
 
 import torch
@@ -91,8 +92,16 @@ def score(
         from . import reference
 
         result = reference.score(
-            model, pool_loader, grads, gamma=gamma, dtype=torch.float64, device=device,
-            progress=progress, inputs=inputs, outputs=outputs, return_components=True,
+            model,
+            pool_loader,
+            grads,
+            gamma=gamma,
+            dtype=torch.float64,
+            device=device,
+            progress=progress,
+            inputs=inputs,
+            outputs=outputs,
+            return_components=True,
         )
         result = ScoreResult(*(t.to(dtype) for t in result[:3]), result.pseudo_label)
         return result if return_components else result.score
@@ -103,9 +112,7 @@ def score(
         local = {n: g.to(device=dev, dtype=dtype) for n, g in grads.items()}
         plan = Plan(model, local)
         heads = list(plan.targets.values())
-        last = (
-            LastLayerPass(model, heads[0], local, dtype) if len(heads) == 1 and heads[0].kind == "linear" else None
-        )
+        last = LastLayerPass(model, heads[0], local, dtype) if len(heads) == 1 and heads[0].kind == "linear" else None
         full: BackwardPass | None = None
         seen = 0
         for batch in with_progress(pool_loader, progress, "fastdal.score"):
@@ -193,7 +200,7 @@ def labeled_grad(
             args, kwargs = to_device(split_batch(batch, inputs), dev)
             y = to_device(batch_labels(batch, labels), dev)
             if total is None:
-                names, request = covered_parameters(model, layers, lambda: find_head(model, args, kwargs, outputs))
+                names, request = covered_parameters(model, layers, partial(find_head, model, args, kwargs, outputs))
                 _check_embeddings(model, names)
                 for n in names:  # frozen parameters named explicitly still get their gradient
                     params[n].requires_grad_(True)
@@ -260,11 +267,24 @@ def query(
     if size is not None:
         select(torch.zeros(size), b)  # checks b against the pool size before any work is done
     grad = labeled_grad(
-        model, labeled_loader, layers=layers, device=device, progress=progress,
-        inputs=inputs, labels=labels, outputs=outputs,
+        model,
+        labeled_loader,
+        layers=layers,
+        device=device,
+        progress=progress,
+        inputs=inputs,
+        labels=labels,
+        outputs=outputs,
     )
     scores = score(
-        model, pool_loader, grad, gamma=gamma, backend=backend, device=device, progress=progress,
-        inputs=inputs, outputs=outputs,
+        model,
+        pool_loader,
+        grad,
+        gamma=gamma,
+        backend=backend,
+        device=device,
+        progress=progress,
+        inputs=inputs,
+        outputs=outputs,
     )
     return select(scores, b)

@@ -16,7 +16,8 @@ from typing import Any
 
 import torch
 from torch import nn
-from torch.utils._pytree import tree_flatten, tree_map
+from torch.autograd.graph import GradientEdge, get_gradient_edge
+from torch.utils._pytree import tree_flatten
 
 # Module types whose per-sample gradient terms fastdal computes in closed form (fastdal/layers.py).
 # A subclass that overrides ``forward`` computes something else, so it falls to the generic path.
@@ -103,25 +104,29 @@ class Target:
     """One module whose recorded calls give the per-sample gradient terms of some parameters.
 
     ``params`` maps the parameter's path inside ``module`` (``"weight"``, ``"out_proj.bias"``) to its
-    name in the model (the key of the labeled gradient). ``copy_output`` is set when the model
-    modifies this module's output in place, so the recorded output must be kept apart.
+    name in the model (the key of the labeled gradient).
     """
 
     name: str
     module: nn.Module
     kind: str
     params: dict[str, str] = field(default_factory=dict)
-    copy_output: bool = False
 
 
 @dataclass(eq=False)
 class Call:
-    """One recorded call of a target module: its inputs, its tensor outputs and their gradients."""
+    """One recorded call of a target module: its inputs, its tensor outputs and their gradients.
+
+    ``edges`` are the outputs' places in the autograd graph taken when the module returned: if the
+    model later writes into an output (``out += identity``, ``relu_``), the gradient asked of the edge
+    is still the one of the value the module produced.
+    """
 
     args: tuple
     kwargs: dict
     outputs: list[torch.Tensor]
     versions: list[int]
+    edges: list[GradientEdge | None]
     deltas: list[torch.Tensor | None] | None = None
 
     def modified_in_place(self) -> bool:
@@ -246,12 +251,9 @@ class Recorder:
             if not self.recording:
                 return None
             tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-            self.calls[target].append(Call(args, kwargs, tensors, [t._version for t in tensors]))
+            edges = [get_gradient_edge(t) if t.grad_fn is not None else None for t in tensors]
+            self.calls[target].append(Call(args, kwargs, tensors, [t._version for t in tensors], edges))
             self.order.append(target)
-            if target.copy_output:
-                # The model writes into this output later (``out += identity``, ``relu_``); give it a
-                # copy so the recorded tensor keeps the value whose gradient we need.
-                return tree_map(lambda t: t.clone() if isinstance(t, torch.Tensor) else t, output)
             return None
 
         return hook

@@ -34,9 +34,7 @@ def sample_dim(module: nn.Module, t: object, batch_size: int) -> int | None:
 
 def readable(target: Target, call: Call, batch_size: int) -> bool:
     """Every output that carries a gradient must have a sample dimension."""
-    return all(
-        sample_dim(target.module, o, batch_size) is not None for o in call.outputs if o.requires_grad
-    )
+    return all(sample_dim(target.module, o, batch_size) is not None for o in call.outputs if o.requires_grad)
 
 
 def _per_sample_gradients(
@@ -63,7 +61,8 @@ def _per_sample_gradients(
         for (i, dim, _), x in zip(batched, xs):
             args[i] = x.unsqueeze(dim)
         call_args, call_kwargs = tree_unflatten(args, spec)
-        flat_out = [t for t in tree_flatten(functional_call(module, p, call_args, call_kwargs))[0] if isinstance(t, Tensor)]
+        out = functional_call(module, p, call_args, call_kwargs)
+        flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
         return sum((flat_out[j] * d.unsqueeze(dim)).sum() for (j, dim, _), d in zip(outs, ds))
 
     xs = [x for _, _, x in batched]
@@ -74,12 +73,16 @@ def _per_sample_gradients(
         try:
             return vmap(grad(sample_loss), in_dims=in_dims)(params, xs, ds)
         except (RuntimeError, NotImplementedError, ValueError) as err:
-            warnings.warn(f"fastdal: vmap could not map {type(module).__name__} ({err}); looping over samples", stacklevel=4)
+            name = type(module).__name__
+            warnings.warn(f"fastdal: vmap could not map {name} ({err}); looping over samples", stacklevel=4)
     rows = []
     for k in range(samples.stop - samples.start):
         rows.append(
-            grad(sample_loss)(params, [x.select(dim, k) for (_, dim, _), x in zip(batched, xs)],
-                              [d.select(dim, k) for (_, dim, _), d in zip(outs, ds)])
+            grad(sample_loss)(
+                params,
+                [x.select(dim, k) for (_, dim, _), x in zip(batched, xs)],
+                [d.select(dim, k) for (_, dim, _), d in zip(outs, ds)],
+            )
         )
     return {name: torch.stack([r[name] for r in rows]) for name in params}
 

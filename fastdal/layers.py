@@ -20,10 +20,10 @@ from .capture import Call, Target, batch_dim
 # Upper bound, in elements, on the per-chunk temporaries of one layer (64 MiB in float32).
 CHUNK_ELEMENTS = 1 << 24
 
-# Relative cost, in multiply-adds, of writing and reducing one element of a materialized per-sample
-# weight gradient; a ghost norm avoids that traffic but needs a separate GEMM for the dot product.
-# Measured on CPU with bench/bench_norm_choice.py.
-MATERIALIZE_COST = 16
+# Cost, in multiply-adds, charged per element of a materialized per-sample weight gradient by the
+# norm-strategy choice below. Fitted to bench/bench_norm_choice.py on CPU: the ghost norm wins for
+# ResNet-18's 8x8 and 4x4 stages, the direct norm from 16x16 up (any value in about 18..570 agrees).
+MATERIALIZE_COST = 64
 
 
 def data_input(call: Call) -> Tensor:
@@ -98,65 +98,56 @@ def _sq_and_dot(per_sample: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor
 def use_ghost_norm(positions: int, d_in: int, d_out: int) -> bool:
     """Ghost norm (T x T Gram matrices) or direct norm (materialized d_out x d_in gradient), by cost.
 
-    ghost:  T^2 (d_in + d_out) for the norm, plus T d_in d_out for the dot-product GEMM;
-    direct: T d_in d_out for the per-sample gradient, whose d_in d_out elements are then written and
-            reduced (each counted as MATERIALIZE_COST multiply-adds), giving norm and dot together.
+    Both pay about T d_in d_out multiply-adds (the dot-product GEMM for ghost, the per-sample gradient
+    for direct); on top, ghost pays T^2 (d_in + d_out) for the Gram matrices and direct pays for
+    writing and reducing d_in d_out elements per sample.
     """
-    ghost = positions * positions * (d_in + d_out)
-    return ghost < MATERIALIZE_COST * d_in * d_out
+    return positions * positions * (d_in + d_out) < MATERIALIZE_COST * d_in * d_out
 
 
-def _weight_block(a: Tensor, delta: Tensor, grad: Tensor | None, ghost: bool) -> tuple[Tensor, Tensor]:
-    """Terms of a weight used as ``out_t = W a_t`` over T positions, for G groups of channels.
-
-    a: (b, G, d_in, T), delta: (b, G, d_out, T), grad: (G, d_out, d_in); per-sample gradient
-    ``g = sum_t delta_t a_t^T``.
-    """
-    if ghost:
-        # ||g||^2 = <a^T a, delta^T delta>, summed over groups; <g, G> = <delta, G a>.
-        if a.shape[-1] == 1:
-            sq = (a.square().sum(2) * delta.square().sum(2)).sum(dim=(1, 2))
-        else:
-            gram_a = a.transpose(-1, -2) @ a
-            gram_d = delta.transpose(-1, -2) @ delta
-            sq = (gram_a * gram_d).sum(dim=(1, 2, 3))
-        if grad is None:
-            return sq, torch.zeros_like(sq)
-        # einsum turns this into one GEMM per group with (sample, position) as rows.
-        dot = (delta * torch.einsum("bgit,goi->bgot", a, grad)).sum(dim=(1, 2, 3))
-        return sq, dot
-    return _sq_and_dot(delta @ a.transpose(-1, -2), grad)
-
-
-def _weight_terms(
+def _ghost_terms(
     batch_size: int,
     blocks: Callable[[slice], list[tuple[Tensor, Tensor]]],
-    groups: int,
-    d_in: int,
-    d_out: int,
-    positions: int,
-    prepared_per_sample: int,
+    work_per_sample: int,
     grad: Tensor | None,
     like: Tensor,
 ) -> tuple[Tensor, Tensor]:
-    """Chunked weight terms; ``blocks(samples)`` gives the (a, delta) pairs of every call for a chunk."""
-    ghost = use_ghost_norm(positions, d_in, d_out)
-    work = groups * (2 * positions * positions + d_out * positions if ghost else d_out * d_in)
+    """Ghost-norm terms of a weight used as ``out_t = W a_t`` over T positions, in chunks of samples.
+
+    ``blocks(samples)`` gives, for every call, ``a: (b, G, d_in, T)`` and ``delta: (b, G, d_out, T)``
+    for G groups of channels; ``grad: (G, d_out, d_in)``. With ``g = sum_t delta_t a_t^T``:
+    ``||g||^2 = <a^T a, delta^T delta>`` and ``<g, G> = <delta, G a>``, summed over groups.
+    """
     sq = like.new_zeros(batch_size)
     dot = like.new_zeros(batch_size)
-    for samples in _chunks(batch_size, work + prepared_per_sample):
+    for samples in _chunks(batch_size, work_per_sample):
         pairs = blocks(samples)
-        if ghost and len(pairs) > 1:
-            # Several calls of one module add their positions: g = sum over all (t, call).
-            pairs = [(torch.cat([a for a, _ in pairs], -1), torch.cat([d for _, d in pairs], -1))]
-        if ghost:
-            for a, delta in pairs:
-                s, d = _weight_block(a, delta, grad, ghost=True)
-                sq[samples] += s
-                dot[samples] += d
+        # Several calls of one module add their positions: g = sum over all (t, call).
+        a = pairs[0][0] if len(pairs) == 1 else torch.cat([a for a, _ in pairs], -1)
+        delta = pairs[0][1] if len(pairs) == 1 else torch.cat([d for _, d in pairs], -1)
+        if a.shape[-1] == 1:
+            sq[samples] = (a.square().sum(2) * delta.square().sum(2)).sum(dim=(1, 2))
         else:
-            g = sum(delta @ a.transpose(-1, -2) for a, delta in pairs)
-            sq[samples], dot[samples] = _sq_and_dot(g, grad)
+            sq[samples] = ((a.transpose(-1, -2) @ a) * (delta.transpose(-1, -2) @ delta)).sum(dim=(1, 2, 3))
+        if grad is not None:
+            # einsum turns this into one GEMM per group with (sample, position) as rows.
+            dot[samples] = (delta * torch.einsum("bgit,goi->bgot", a, grad)).sum(dim=(1, 2, 3))
+    return sq, dot
+
+
+def _direct_terms(
+    batch_size: int,
+    gradients: Callable[[slice], Tensor],
+    work_per_sample: int,
+    grad: Tensor | None,
+    like: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """Terms from materialized per-sample weight gradients ``gradients(samples): (b, *weight.shape)``,
+    one chunk of samples at a time."""
+    sq = like.new_zeros(batch_size)
+    dot = like.new_zeros(batch_size)
+    for samples in _chunks(batch_size, work_per_sample):
+        sq[samples], dot[samples] = _sq_and_dot(gradients(samples), grad)
     return sq, dot
 
 
@@ -182,18 +173,20 @@ def linear_terms(target, calls, grads, batch_size, dtype):
         return sq, dot
     if "weight" in target.params:
         positions = sum(a.shape[1] for a, _ in pairs)
+        d_in, d_out = m.in_features, m.out_features
         w_grad = grads.get("weight")
-        s, d = _weight_terms(
-            batch_size,
-            lambda sl: [(a[sl].transpose(1, 2)[:, None], dd[sl].transpose(1, 2)[:, None]) for a, dd in pairs],
-            1,
-            m.in_features,
-            m.out_features,
-            positions,
-            0,
-            None if w_grad is None else w_grad[None],
-            sq,
-        )
+        if use_ghost_norm(positions, d_in, d_out):
+            s, d = _ghost_terms(
+                batch_size,
+                lambda sl: [(a[sl].transpose(1, 2)[:, None], dd[sl].transpose(1, 2)[:, None]) for a, dd in pairs],
+                2 * positions * positions + d_out * positions,
+                None if w_grad is None else w_grad[None],
+                sq,
+            )
+        else:
+            s, d = _direct_terms(
+                batch_size, lambda sl: sum(dd[sl].transpose(1, 2) @ a[sl] for a, dd in pairs), d_out * d_in, w_grad, sq
+            )
         sq, dot = sq + s, dot + d
     if "bias" in target.params:
         s, d = _bias_terms([dd.sum(1) for _, dd in pairs], grads.get("bias"))
@@ -201,59 +194,99 @@ def linear_terms(target, calls, grads, batch_size, dtype):
     return sq, dot
 
 
-def _conv_geometry(m: nn.Conv1d | nn.Conv2d):
-    """kernel, stride, dilation as 2-D tuples and the explicit padding (F.pad order) of a conv."""
-    two_d = isinstance(m, nn.Conv2d)
-    kernel = tuple(m.kernel_size) if two_d else (1, m.kernel_size[0])
-    stride = tuple(m.stride) if two_d else (1, m.stride[0])
-    dilation = tuple(m.dilation) if two_d else (1, m.dilation[0])
-    pad = list(m._reversed_padding_repeated_twice)
-    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-    return kernel, stride, dilation, pad, mode
-
-
 def conv_terms(target, calls, grads, batch_size, dtype):
+    """Conv1d/Conv2d: the input is padded explicitly (any padding mode) and the conv run unpadded.
+
+    Direct norm: each sample's weight gradient comes from PyTorch's own convolution weight-gradient
+    kernel on a batch of one (no im2col copy, which costs more than the convolution on CPU). Ghost
+    norm (few output positions): the unfolded input gives the T x T Gram matrices.
+    """
     m: nn.Conv1d | nn.Conv2d = target.module
-    kernel, stride, dilation, pad, mode = _conv_geometry(m)
-    groups = m.groups
-    d_in = m.in_channels // groups * kernel[0] * kernel[1]
-    d_out = m.out_channels // groups
-    pairs = _inputs_and_deltas(target, calls, batch_size, dtype)
+    pairs = [
+        (
+            F.pad(
+                a, m._reversed_padding_repeated_twice, mode="constant" if m.padding_mode == "zeros" else m.padding_mode
+            )
+            if any(m._reversed_padding_repeated_twice)
+            else a,
+            delta,
+        )
+        for a, delta in _inputs_and_deltas(target, calls, batch_size, dtype)
+    ]
     sq = torch.zeros(batch_size, dtype=dtype, device=m.weight.device)
     dot = torch.zeros_like(sq)
     if not pairs:
         return sq, dot
     if "weight" in target.params:
+        groups = m.groups
+        d_in = m.weight[0].numel()
+        d_out = m.out_channels // groups
         positions = sum(d[0].numel() // m.out_channels for _, d in pairs)
-
-        def blocks(sl: slice) -> list[tuple[Tensor, Tensor]]:
-            out = []
-            for a, delta in pairs:
-                x = F.pad(a[sl], pad, mode=mode) if any(pad) else a[sl]
-                if x.dim() == 3:  # Conv1d: (b, C, L) -> (b, C, 1, L)
-                    x = x.unsqueeze(2)
-                cols = F.unfold(x, kernel, dilation=dilation, stride=stride)
-                b = cols.shape[0]
-                out.append((cols.view(b, groups, d_in, -1), delta[sl].reshape(b, groups, d_out, -1)))
-            return out
-
         w_grad = grads.get("weight")
-        s, d = _weight_terms(
-            batch_size,
-            blocks,
-            groups,
-            d_in,
-            d_out,
-            positions,
-            groups * d_in * positions,
-            None if w_grad is None else w_grad.reshape(groups, d_out, d_in),
-            sq,
-        )
+        if use_ghost_norm(positions, d_in, d_out):
+
+            def blocks(sl: slice) -> list[tuple[Tensor, Tensor]]:
+                out = []
+                for x, delta in pairs:
+                    x = x[sl]
+                    two_d = x.dim() == 4
+                    cols = F.unfold(
+                        x if two_d else x.unsqueeze(2),
+                        m.kernel_size if two_d else (1, m.kernel_size[0]),
+                        dilation=m.dilation if two_d else (1, m.dilation[0]),
+                        stride=m.stride if two_d else (1, m.stride[0]),
+                    )
+                    b = cols.shape[0]
+                    out.append((cols.view(b, groups, d_in, -1), delta[sl].reshape(b, groups, d_out, -1)))
+                return out
+
+            s, d = _ghost_terms(
+                batch_size,
+                blocks,
+                groups * (2 * positions * positions + d_out * positions + d_in * positions),
+                None if w_grad is None else w_grad.reshape(groups, d_out, d_in),
+                sq,
+            )
+        else:
+            s, d = _conv_direct_terms(m, pairs, w_grad, batch_size, dtype)
         sq, dot = sq + s, dot + d
     if "bias" in target.params:
         s, d = _bias_terms([dd.reshape(batch_size, m.out_channels, -1).sum(-1) for _, dd in pairs], grads.get("bias"))
         sq, dot = sq + s, dot + d
     return sq, dot
+
+
+def _conv_direct_terms(m, pairs, grad: Tensor | None, batch_size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Each sample's conv weight gradient from PyTorch's convolution backward on a batch of one.
+
+    The gradient of one sample (one layer's weight) is reduced to its norm and dot product while it
+    is still in cache, so nothing larger than one weight is ever allocated.
+    """
+    weight = m.weight.detach().to(dtype)
+    no_padding = [0] * (weight.dim() - 2)
+    flat_grad = None if grad is None else grad.reshape(-1)
+    sq, dot = [], []
+    for i in range(batch_size):
+        g = None
+        for x, delta in pairs:
+            part = torch.ops.aten.convolution_backward(
+                delta[i : i + 1],
+                x[i : i + 1],
+                weight,
+                None,
+                m.stride,
+                no_padding,
+                m.dilation,
+                False,
+                no_padding,
+                m.groups,
+                [False, True, False],
+            )[1]
+            g = part if g is None else g + part
+        g = g.reshape(-1)
+        sq.append(torch.linalg.vector_norm(g).square())
+        dot.append(g @ flat_grad if flat_grad is not None else torch.zeros_like(sq[-1]))
+    return torch.stack(sq), torch.stack(dot)
 
 
 def _affine_terms(target, pairs, normalize: Callable[[Tensor], Tensor], reduce_dims, grads, batch_size, dtype):
@@ -285,9 +318,7 @@ def batchnorm_terms(target, calls, grads, batch_size, dtype):
         return (a - mean) * inv_std
 
     pairs = _inputs_and_deltas(target, calls, batch_size, dtype)
-    return _affine_terms(
-        target, pairs, normalize, lambda a: tuple(range(2, a.dim())), grads, batch_size, dtype
-    )
+    return _affine_terms(target, pairs, normalize, lambda a: tuple(range(2, a.dim())), grads, batch_size, dtype)
 
 
 def layernorm_terms(target, calls, grads, batch_size, dtype):

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Iterable, Mapping
+from functools import partial
 from typing import Any
 
 import torch
@@ -52,7 +53,11 @@ def _samples(args: tuple, kwargs: dict) -> Iterable[tuple[tuple, dict]]:
         raise TypeError("the reference needs at least one input tensor to split the batch into samples")
     n = leaves[0].shape[0]
     for i in range(n):
-        yield tree_map(lambda t: t[i : i + 1] if isinstance(t, Tensor) and t.dim() and t.shape[0] == n else t, (args, kwargs))
+        yield tree_map(partial(_one_sample, i=i, n=n), (args, kwargs))
+
+
+def _one_sample(t: Any, i: int, n: int) -> Any:
+    return t[i : i + 1] if isinstance(t, Tensor) and t.dim() and t.shape[0] == n else t
 
 
 def _flat_grad(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
@@ -103,9 +108,8 @@ def score(
                 pseudo_list.append(int(pseudo[0]))
     sq = torch.tensor(sq_list, dtype=torch.float64)
     dot = torch.tensor(dot_list, dtype=torch.float64)
-    result = ScoreResult(
-        (sq + gamma * dot).to(out_dtype), sq.to(out_dtype), dot.to(out_dtype), torch.tensor(pseudo_list, dtype=torch.long)
-    )
+    pseudo = torch.tensor(pseudo_list, dtype=torch.long)
+    result = ScoreResult((sq + gamma * dot).to(out_dtype), sq.to(out_dtype), dot.to(out_dtype), pseudo)
     return result if return_components else result.score
 
 
@@ -133,7 +137,7 @@ def labeled_grad(
             args, kwargs = _cast_inputs(to_device(split_batch(batch, inputs), dev), dtype)
             y = to_device(batch_labels(batch, labels), dev)
             if total is None:
-                names, request = covered_parameters(work, layers, lambda: find_head(work, args, kwargs, outputs))
+                names, request = covered_parameters(work, layers, partial(find_head, work, args, kwargs, outputs))
                 for n in names:
                     params_by_name[n].requires_grad_(True)
                 acc = accumulation_dtype(params_by_name[n] for n in names)

@@ -98,9 +98,9 @@ class Attention(nn.Module):
 
     def forward(self, x):
         b, t, d = x.shape
-        split = lambda y: y.view(b, t, self.heads, d // self.heads).transpose(1, 2)  # noqa: E731
-        att = torch.softmax(split(self.q(x)) @ split(self.k(x)).transpose(-1, -2) / (d // self.heads) ** 0.5, -1)
-        return self.o((att @ split(self.v(x))).transpose(1, 2).reshape(b, t, d))
+        q, k, v = (y.view(b, t, self.heads, d // self.heads).transpose(1, 2) for y in (self.q(x), self.k(x), self.v(x)))
+        att = torch.softmax(q @ k.transpose(-1, -2) / (d // self.heads) ** 0.5, -1)
+        return self.o((att @ v).transpose(1, 2).reshape(b, t, d))
 
 
 class TinyTransformer(nn.Module):

@@ -4,14 +4,14 @@ import io
 
 import pytest
 import torch
+from conftest import relative_error
+from helpers import loaders
+from models import build
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastdal
 import fastdal.passes
-from conftest import relative_error
-from helpers import loaders
-from models import build
 
 
 def test_select_orders_by_score_and_breaks_ties_by_index():

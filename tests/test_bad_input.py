@@ -4,11 +4,11 @@ import math
 
 import pytest
 import torch
+from models import build
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastdal
-from models import build
 
 
 @pytest.fixture
@@ -142,7 +142,7 @@ def test_select_arguments():
 
 
 def test_query_checks_b_before_work(setup):
-    model, labeled, pool, _ = setup
+    model, _, pool, _ = setup
     with pytest.raises(ValueError, match="b must be between 0 and the pool size 6, got 7"):
         fastdal.query(model, pool, _Exploding(), 7)
 

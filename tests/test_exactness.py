@@ -2,11 +2,16 @@
 
 import pytest
 import torch
-
-import fastdal
 from conftest import TOLERANCE, relative_error
 from helpers import loaders
 from models import EXTRA_MODELS, MODELS, build
+from torch.utils.data import DataLoader, TensorDataset
+
+import fastdal
+
+
+def _flat(grad):
+    return torch.cat([t.reshape(-1).double() for t in grad.grads.values()])
 
 
 def _check(name, dtype, layers, batch_size=5):
@@ -15,8 +20,7 @@ def _check(name, dtype, layers, batch_size=5):
     expected_g = fastdal.reference.labeled_grad(model, labeled, layers=layers, dtype=torch.float64)
     g = fastdal.labeled_grad(model, labeled, layers=layers)
     assert g.names == expected_g.names
-    flat = lambda grads: torch.cat([t.reshape(-1).double() for t in grads.grads.values()])  # noqa: E731
-    assert relative_error(flat(g), flat(expected_g)) < TOLERANCE[dtype]
+    assert relative_error(_flat(g), _flat(expected_g)) < TOLERANCE[dtype]
 
     expected = fastdal.reference.score(model, pool, expected_g, dtype=torch.float64, return_components=True)
     result = fastdal.score(model, pool, expected_g, return_components=True)
@@ -46,6 +50,21 @@ def test_other_structures(name, dtype):
 @pytest.mark.parametrize("batch_size", [1, 7, 13])
 def test_batch_sizes(batch_size):
     _check("rescnn", torch.float64, "all", batch_size=batch_size)
+
+
+def test_large_batches_split_on_cpu():
+    """Batches above fastdal.passes.CPU_MICRO_BATCH are scored in pieces; results and indices still line up."""
+    model, make_inputs, _ = build("rescnn")
+    x = make_inputs(75, torch.float64)
+    pool = DataLoader(TensorDataset(x), batch_size=70)
+    g = {n: torch.randn_like(p) for n, p in model.named_parameters()}
+    expected = fastdal.reference.score(model, pool, g, dtype=torch.float64, return_components=True)
+    result = fastdal.score(model, pool, g, return_components=True)
+    assert torch.equal(result.pseudo_label, expected.pseudo_label)
+    assert relative_error(result.score, expected.score) < 1e-9
+    x[66] = float("nan")
+    with pytest.raises(ValueError, match="pool index 66"):
+        fastdal.score(model, pool, g)
 
 
 def test_module_subset():

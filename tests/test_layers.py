@@ -2,15 +2,15 @@
 
 import pytest
 import torch
+from conftest import relative_error
+from helpers import loaders
+from models import build
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastdal
 import fastdal.layers
-from conftest import relative_error
-from helpers import loaders
-from models import build
 
 
 def _random_grad(model):
@@ -110,8 +110,13 @@ def test_no_batch_by_parameters_tensor(monkeypatch, strategy):
     monkeypatch.setattr(fastdal.layers, "CHUNK_ELEMENTS", 4096)
     monkeypatch.setattr(fastdal.layers, "MATERIALIZE_COST", 0 if strategy == "direct" else 10**12)
     model = nn.Sequential(
-        nn.Conv2d(16, 64, 3, padding=1), nn.Tanh(), nn.Flatten(2), nn.Linear(36, 40), nn.Tanh(),
-        nn.Flatten(1), nn.Linear(64 * 40, 10),
+        nn.Conv2d(16, 64, 3, padding=1),
+        nn.Tanh(),
+        nn.Flatten(2),
+        nn.Linear(36, 40),
+        nn.Tanh(),
+        nn.Flatten(1),
+        nn.Linear(64 * 40, 10),
     ).eval()
     batch = 32
     pool = DataLoader(TensorDataset(torch.randn(batch, 16, 6, 6)), batch_size=batch)

@@ -2,11 +2,10 @@
 
 import pytest
 import torch
-from torch.utils.data import DataLoader, TensorDataset
-
-import fastdal
 from helpers import assert_same_state, loaders, snapshot
 from models import build
+
+import fastdal
 
 
 def _dress_up(model):

@@ -1,0 +1,27 @@
+# The two set-up commands of the README: `make demo` and `make test`. Each installs what it needs.
+PYTHON ?= python3
+
+.PHONY: deps install test demo bench lint
+
+# torch 2.13.0 (CPU) is installed only where no torch is present, so that a CUDA build already on a
+# GPU machine is used as it is. The other packages do not depend on torch.
+deps:
+	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	@$(PYTHON) -c "import numpy, tqdm, sklearn, pytest, pytest_benchmark" 2>/dev/null || \
+		$(PYTHON) -m pip install numpy tqdm scikit-learn pytest pytest-benchmark
+
+install: deps
+	$(PYTHON) -m pip install -e . --no-build-isolation --no-deps
+
+test: deps
+	$(PYTHON) -m pytest -q
+
+demo: deps
+	$(PYTHON) -m fastdal demo
+
+bench: deps
+	$(PYTHON) bench/bench_norm_choice.py
+	$(PYTHON) bench/bench_score.py
+
+lint:
+	$(PYTHON) -m ruff check fastdal kernels bench tests

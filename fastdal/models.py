@@ -1,0 +1,71 @@
+"""Reference architectures of the paper, used by the demo, the benchmarks and the active-learning loop.
+
+``VanillaCNN`` is the paper's "vanilla CNN": three 3x3 convolutions at full resolution, global average
+pooling and a linear head. ``resnet18`` is the CIFAR-style ResNet-18 (3x3 stem, no max-pool).
+"""
+
+from __future__ import annotations
+
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class VanillaCNN(nn.Module):
+    def __init__(self, in_channels: int = 3, num_classes: int = 10, widths: tuple[int, int, int] = (32, 64, 128)):
+        super().__init__()
+        c1, c2, c3 = widths
+        self.conv1 = nn.Conv2d(in_channels, c1, 3, padding=1)
+        self.conv2 = nn.Conv2d(c1, c2, 3, padding=1)
+        self.conv3 = nn.Conv2d(c2, c3, 3, padding=1)
+        self.fc = nn.Linear(c3, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = F.relu(self.conv1(x))
+        x = F.relu(self.conv2(x))
+        x = F.relu(self.conv3(x))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = self.bn2(self.conv2(out))
+        out += self.shortcut(x)
+        return F.relu(out)
+
+
+class ResNet(nn.Module):
+    def __init__(
+        self, blocks: tuple[int, ...] = (2, 2, 2, 2), in_channels: int = 3, num_classes: int = 10, width: int = 64
+    ):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        stages = []
+        c_in = width
+        for i, n in enumerate(blocks):
+            c_out = width * 2**i
+            first_stride = 2 if i else 1
+            stage = [BasicBlock(c_in if j == 0 else c_out, c_out, first_stride if j == 0 else 1) for j in range(n)]
+            stages.append(nn.Sequential(*stage))
+            c_in = c_out
+        self.layers = nn.Sequential(*stages)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        x = self.layers(F.relu(self.bn1(self.conv1(x)), inplace=True))
+        return self.fc(F.adaptive_avg_pool2d(x, 1).flatten(1))
+
+
+def resnet18(in_channels: int = 3, num_classes: int = 10) -> ResNet:
+    return ResNet((2, 2, 2, 2), in_channels, num_classes)
