@@ -10,9 +10,9 @@ K=10, batch 128) and a CIFAR ResNet-18 (batch 32), on random inputs:
 * ``naive / all``: the per-sample autograd loop of fastdal.reference (model dtype) over fastdal's
   ``layers="all"``, per sample.
 
-Each round times every function once, in a rotating order; a ratio is the median over rounds of the
-per-round ratios, which cancels most of the drift of a shared machine. Results go to
-``bench/results/<device>.json`` and are printed as the README's table.
+Each ratio comes from adjacent pairs of runs, alternating which of the two goes first; the reported
+ratio is the median of the per-pair ratios, which cancels most of the drift of a shared machine. Results go to
+``bench/results/score-<device type>.json`` and, on CPU, into the README's table.
 
     python bench/bench_score.py [--rounds 7] [--quick]
 """
@@ -94,32 +94,39 @@ def measure(name: str, model: torch.nn.Module, batch: int, batches: int, naive_s
     timed = _clock(device)
     for fn in functions.values():  # warm-up
         fn()
-    times: dict[str, list[float]] = {k: [] for k in functions}
-    names = list(functions)
-    for r in range(rounds):
-        for k in names[r % len(names) :] + names[: r % len(names)]:
-            times[k].append(timed(functions[k]))
     n = batch * batches
-
-    def ratio(a: str, b: str, scale: float = 1.0) -> float:
-        return statistics.median(ta / tb * scale for ta, tb in zip(times[a], times[b]))
-
+    # Each comparison is timed as adjacent pairs, alternating which of the two runs first, so that
+    # both see the same state of the machine; the ratio is the median of the per-pair ratios.
+    comparisons = {
+        "last_over_forward": ("last", "forward", 1.0),
+        "all_over_train_step": ("all", "train_step", 1.0),
+        "naive_over_all_per_sample": ("naive", "all", n / naive_samples),
+    }
+    times: dict[str, list[float]] = {k: [] for k in functions}
+    ratios = {}
+    for key, (a, b, scale) in comparisons.items():
+        per_pair = []
+        for r in range(rounds):
+            order = (a, b) if r % 2 == 0 else (b, a)
+            pair = {k: timed(functions[k]) for k in order}
+            times[a].append(pair[a])
+            times[b].append(pair[b])
+            per_pair.append(pair[a] / pair[b] * scale)
+        ratios[key] = statistics.median(per_pair)
     return {
         "model": name,
         "batch": batch,
         "pool": n,
+        "naive_samples": naive_samples,
         "parameters": sum(p.numel() for p in model.parameters()),
         "seconds_median": {k: statistics.median(v) for k, v in times.items()},
+        "seconds_all": times,
         "samples_per_second": {
             "last": n / statistics.median(times["last"]),
             "all": n / statistics.median(times["all"]),
             "naive": naive_samples / statistics.median(times["naive"]),
         },
-        "ratios": {
-            "last_over_forward": ratio("last", "forward"),
-            "all_over_train_step": ratio("all", "train_step"),
-            "naive_over_all_per_sample": ratio("naive", "all", n / naive_samples),
-        },
+        "ratios": ratios,
     }
 
 
@@ -139,7 +146,7 @@ def table(results: list[dict]) -> str:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=7)
+    parser.add_argument("--rounds", type=int, default=15)
     parser.add_argument("--quick", action="store_true", help="fewer batches and rounds (a smoke run)")
     args = parser.parse_args()
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -166,6 +173,20 @@ def main() -> None:
         out = RESULTS / f"score-{device.type}.json"
         out.write_text(json.dumps(report, indent=2) + "\n")
         print(f"\nwritten to {out}")
+        if device.type == "cpu":
+            update_readme(table(results), rounds)
+
+
+def update_readme(text: str, rounds: int) -> None:
+    """Replace the table between the README's bench markers with this run's."""
+    readme = Path(__file__).parent.parent / "README.md"
+    start, end = "<!-- bench_score:start -->", "<!-- bench_score:end -->"
+    content = readme.read_text()
+    if start in content and end in content:
+        head, rest = content.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(f"{head}{start}\n{text}\n\n(median over {rounds} pairs of runs){end}{tail}")
+        print(f"README table updated from {rounds} rounds")
 
 
 if __name__ == "__main__":

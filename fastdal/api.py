@@ -12,10 +12,27 @@ import torch
 from torch import Tensor, nn
 
 from . import backends
-from .batches import batch_labels, check_loader, pool_size, split_batch, to_device, with_progress
-from .capture import Plan, model_on_device, preserved_model_state
+from .batches import (
+    batch_labels,
+    check_finite,
+    check_labels,
+    check_loader,
+    pool_size,
+    split_batch,
+    to_device,
+    with_progress,
+)
+from .capture import Plan, Target, model_on_device, preserved_model_state
 from .grads import LabeledGrad, as_grad_dict
-from .passes import BackwardPass, LastLayerPass, check_batchnorm_statistics, find_head, labeled_batch_grads
+from .ops import last_layer_labeled_grad
+from .passes import (
+    BackwardPass,
+    LastLayerPass,
+    check_batchnorm_statistics,
+    find_head,
+    head_input_and_logits,
+    labeled_batch_grads,
+)
 
 Layers = str | Sequence[str]
 
@@ -110,9 +127,8 @@ def score(
     covered = [params[n] for n in grads]
     with model_on_device(model, device) as dev, preserved_model_state(model, covered):
         local = {n: g.to(device=dev, dtype=dtype) for n, g in grads.items()}
-        plan = Plan(model, local)
-        heads = list(plan.targets.values())
-        last = LastLayerPass(model, heads[0], local, dtype) if len(heads) == 1 and heads[0].kind == "linear" else None
+        head = _single_linear(model, list(local))
+        last = LastLayerPass(model, head, local, dtype) if head is not None else None
         full: BackwardPass | None = None
         seen = 0
         for batch in with_progress(pool_loader, progress, "fastdal.score"):
@@ -206,12 +222,45 @@ def labeled_grad(
                     params[n].requires_grad_(True)
                 dtype = accumulation_dtype(params[n] for n in names)
                 total = {n: torch.zeros_like(params[n], dtype=dtype) for n in names}
-            for n, g in labeled_batch_grads(model, list(total), args, kwargs, y, outputs, count).items():
+                head = _single_linear(model, names)
+            grads = _closed_form_labeled(model, head, args, kwargs, y, outputs, count, dtype) if head else None
+            if grads is None:
+                head = None  # something follows the head: one batched backward per batch from here on
+                grads = labeled_batch_grads(model, list(total), args, kwargs, y, outputs, count)
+            for n, g in grads.items():
                 total[n] += g.to(total[n].dtype)
             count += y.shape[0]
     if total is None:
         raise ValueError("labeled_loader yielded no batches: the labeled set must not be empty")
     return LabeledGrad(total, request, count)
+
+
+def _single_linear(model: nn.Module, names: list[str]) -> Target | None:
+    """The target, if the named parameters all belong to one closed-form ``nn.Linear``."""
+    targets = list(Plan(model, names).targets.values())
+    return targets[0] if len(targets) == 1 and targets[0].kind == "linear" else None
+
+
+def _closed_form_labeled(
+    model: nn.Module,
+    head: Target,
+    args: tuple,
+    kwargs: dict,
+    y: Tensor,
+    outputs: Callable[[Any], Tensor] | None,
+    first_index: int,
+    dtype: torch.dtype,
+) -> dict[str, Tensor] | None:
+    """Summed head gradient of a labeled batch in closed form, or None if the closed form does not apply."""
+    found = head_input_and_logits(model, head, args, kwargs, outputs)
+    if found is None:
+        return None
+    h, logits = found
+    check_labels(y, logits.shape[0], logits.shape[1], first_index)
+    check_finite(logits, first_index, "labeled")
+    weight, bias = last_layer_labeled_grad(h, logits, y, dtype)
+    by_local = {"weight": weight, "bias": bias}
+    return {full: by_local[local] for local, full in head.params.items()}
 
 
 def _check_embeddings(model: nn.Module, names: list[str]) -> None:

@@ -51,10 +51,16 @@ def preserved_model_state(model: nn.Module, needs_grad: Iterable[nn.Parameter] =
     """Run the body with ``model`` in eval mode and ``needs_grad`` requiring grad; restore both after.
 
     Each module's own ``training`` flag is saved and written back (``model.train(flag)`` would
-    overwrite the flags of submodules a user froze in eval mode on purpose).
+    overwrite the flags of submodules a user froze in eval mode on purpose). ``nn.Embedding`` with
+    ``max_norm`` rescales rows of its weight in place on every forward; those weights are put back too.
     """
     training = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
+    renormed = [
+        (m.weight, m.weight.detach().clone())
+        for m in model.modules()
+        if isinstance(m, nn.Embedding) and m.max_norm is not None
+    ]
     try:
         model.eval()
         for p in needs_grad:
@@ -65,6 +71,9 @@ def preserved_model_state(model: nn.Module, needs_grad: Iterable[nn.Parameter] =
             m.training = was_training
         for p, flag in flags:
             p.requires_grad_(flag)
+        with torch.no_grad():
+            for weight, saved in renormed:
+                weight.copy_(saved)
 
 
 @contextlib.contextmanager

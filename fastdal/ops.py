@@ -45,3 +45,19 @@ def last_layer_terms(
         h_sq = h_sq + 1
         c = c + bias_grad
     return e_sq * h_sq, (e * c).sum(dim=1), pseudo
+
+
+def last_layer_labeled_grad(h: Tensor, logits: Tensor, labels: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+    """Closed-form summed gradient of a final ``nn.Linear`` at the true labels; no backward pass.
+
+    With ``E = softmax(Z) - onehot(y)`` over the batch: ``G_W = E^T H`` and ``G_b = sum_i E_i``.
+
+    Args:
+        h: (B, D) input of the head; logits: (B, K) its output; labels: (B,) class indices.
+
+    Returns:
+        ``G_W (K, D)`` and ``G_b (K,)`` in ``dtype``.
+    """
+    e = torch.softmax(logits.to(dtype), dim=1)
+    e[torch.arange(e.shape[0], device=e.device), labels] -= 1
+    return e.T @ h.to(dtype), e.sum(dim=0)

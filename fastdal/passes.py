@@ -77,15 +77,25 @@ class LastLayerPass:
 
     def __call__(self, args: tuple, kwargs: dict, outputs: Callable | None, first_index: int) -> BatchTerms | None:
         """Terms for the batch, or None when the head's output is not the model's output unchanged."""
-        calls, _, logits = forward_recorded(self.model, [self.target], args, kwargs, outputs, grad=False)
-        record = calls[self.target]
-        if len(record) != 1 or record[0].outputs[0] is not logits or record[0].modified_in_place():
+        found = head_input_and_logits(self.model, self.target, args, kwargs, outputs)
+        if found is None:
             return None
-        h = layers.data_input(record[0])
-        if h.dim() != 2:
-            return None
+        h, logits = found
         check_finite(logits, first_index, "pool")
         return BatchTerms(*last_layer_terms(h, logits, self.weight_grad, self.bias_grad, self.dtype))
+
+
+def head_input_and_logits(
+    model: nn.Module, head: Target, args: tuple, kwargs: dict, outputs: Callable | None
+) -> tuple[Tensor, Tensor] | None:
+    """One no-grad forward; the head's input and the logits if the model returns the head's output
+    unchanged (the closed forms need exactly that), else None."""
+    calls, _, logits = forward_recorded(model, [head], args, kwargs, outputs, grad=False)
+    record = calls[head]
+    if len(record) != 1 or record[0].outputs[0] is not logits or record[0].modified_in_place():
+        return None
+    h = layers.data_input(record[0])
+    return (h, logits) if h.dim() == 2 else None
 
 
 class BackwardPass:

@@ -4,14 +4,16 @@ import io
 
 import pytest
 import torch
-from conftest import relative_error
-from helpers import loaders
-from models import build
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastdal
+import fastdal.api
 import fastdal.passes
+
+from conftest import relative_error
+from helpers import loaders
+from models import build
 
 
 def test_select_orders_by_score_and_breaks_ties_by_index():
@@ -134,3 +136,18 @@ def test_dict_of_a_subset_of_parameters(name):
     result = fastdal.score(model, pool, subset, return_components=True)
     assert relative_error(result.sq_norm, expected.sq_norm) < 1e-9
     assert relative_error(result.dot, expected.dot) < 1e-9
+
+
+def test_labeled_grad_last_is_closed_form_and_exact(monkeypatch):
+    """layers='last' sums E^T H without a backward pass when the model returns the head's output."""
+    model, make_inputs, classes = build("wide_head", torch.float32)
+    labeled, _ = loaders(make_inputs, classes, torch.float32)
+    expected = fastdal.reference.labeled_grad(model, labeled, layers="last", dtype=torch.float64)
+
+    def no_backward(*args, **kwargs):
+        raise AssertionError("layers='last' ran a backward pass")
+
+    monkeypatch.setattr(fastdal.api, "labeled_batch_grads", no_backward)
+    g = fastdal.labeled_grad(model, labeled, layers="last")
+    for name in g.names:
+        assert relative_error(g[name], expected[name]) < 1e-4

@@ -4,11 +4,12 @@ import math
 
 import pytest
 import torch
-from models import build
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastdal
+
+from models import build
 
 
 @pytest.fixture

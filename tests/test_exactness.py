@@ -2,12 +2,13 @@
 
 import pytest
 import torch
-from conftest import TOLERANCE, relative_error
-from helpers import loaders
-from models import EXTRA_MODELS, MODELS, build
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastdal
+
+from conftest import TOLERANCE, relative_error
+from helpers import loaders
+from models import EXTRA_MODELS, MODELS, build
 
 
 def _flat(grad):
@@ -40,11 +41,20 @@ def test_acceptance_models(name, dtype, layers):
     _check(name, dtype, layers)
 
 
+# Models whose parameters need the generic vmap path, and the module the warning must name.
+GENERIC = {"mha": "'mha' (MultiheadAttention)", "broadcast_position": "'<model>'", "tied": "'<model>'"}
+
+
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32], ids=["f64", "f32"])
 @pytest.mark.parametrize("name", list(EXTRA_MODELS))
-def test_other_structures(name, dtype):
+def test_other_structures(name, dtype, recwarn):
     """Generic fallback, parameters shared or used outside a call, sequence-first layouts, reused layers."""
     _check(name, dtype, "all")
+    messages = [str(w.message) for w in recwarn if "no closed form" in str(w.message)]
+    if name in GENERIC:
+        assert len(messages) == 1 and GENERIC[name] in messages[0], messages
+    else:
+        assert not messages
 
 
 @pytest.mark.parametrize("batch_size", [1, 7, 13])

@@ -2,15 +2,16 @@
 
 import pytest
 import torch
-from conftest import relative_error
-from helpers import loaders
-from models import build
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastdal
 import fastdal.layers
+
+from conftest import relative_error
+from helpers import loaders
+from models import build
 
 
 def _random_grad(model):

@@ -2,10 +2,12 @@
 
 import pytest
 import torch
-from helpers import assert_same_state, loaders, snapshot
-from models import build
+from torch.utils.data import DataLoader, TensorDataset
 
 import fastdal
+
+from helpers import assert_same_state, loaders, snapshot
+from models import build
 
 
 def _dress_up(model):
@@ -96,3 +98,28 @@ class _nothing:
 
     def __exit__(self, *exc):
         return False
+
+
+class RenormedEmbedding(torch.nn.Module):
+    """nn.Embedding(max_norm=...) rescales rows of its weight in place on every forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(9, 4, max_norm=0.5)
+        self.head = torch.nn.Linear(4, 3)
+
+    def forward(self, ids):
+        return self.head(self.emb(ids).mean(1))
+
+
+def test_embedding_weights_rescaled_by_max_norm_come_back():
+    model = RenormedEmbedding().double()
+    with torch.no_grad():
+        model.emb.weight.mul_(3)  # rows far above max_norm
+    ids = torch.randint(0, 9, (6, 5))
+    labeled = DataLoader(TensorDataset(ids, torch.randint(0, 3, (6,))), batch_size=4)
+    pool = DataLoader(TensorDataset(ids), batch_size=4)
+    before = snapshot(model)
+    g = fastdal.labeled_grad(model, labeled, layers="all")
+    fastdal.score(model, pool, g)
+    assert_same_state(before, snapshot(model))
