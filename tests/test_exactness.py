@@ -100,15 +100,20 @@ def test_gamma_variants_from_one_pass():
     assert torch.equal(result.with_gamma(0), result.sq_norm)
 
 
-def test_low_precision_model_accumulates_in_float32():
-    model, make_inputs, classes = build("mlp", torch.bfloat16)
-    labeled, pool = loaders(make_inputs, classes, torch.bfloat16)
-    g = fastdal.labeled_grad(model, labeled, layers="all")
+@pytest.mark.parametrize("layers", ["last", "all"])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("name", ["mlp", "rescnn"])
+def test_low_precision_model_accumulates_in_float32(name, dtype, layers):
+    model, make_inputs, classes = build(name, dtype)
+    labeled, pool = loaders(make_inputs, classes, dtype)
+    g = fastdal.labeled_grad(model, labeled, layers=layers)
     assert all(t.dtype == torch.float32 for t in g.grads.values())
     result = fastdal.score(model, pool, g, return_components=True)
     assert result.score.dtype == torch.float32
-    # bf16 has 8 bits of mantissa: compare with the float64 reference of the same (bf16) weights loosely.
+    # The forward itself runs in 16 bits: compare with the float64 reference of the same weights loosely.
     expected = fastdal.reference.score(model, pool, g, dtype=torch.float64, return_components=True)
     same_label = result.pseudo_label == expected.pseudo_label
     assert same_label.float().mean() > 0.8
-    assert relative_error(result.sq_norm[same_label], expected.sq_norm[same_label]) < 0.1
+    # (bf16 keeps 8 bits of mantissa, fp16 11; the backward pass runs in that precision)
+    tolerance = {torch.bfloat16: 0.15, torch.float16: 0.05}[dtype]
+    assert relative_error(result.sq_norm[same_label], expected.sq_norm[same_label]) < tolerance
