@@ -315,25 +315,7 @@ def query(
     size = pool_size(pool_loader)
     if size is not None:
         select(torch.zeros(size), b)  # checks b against the pool size before any work is done
-    grad = labeled_grad(
-        model,
-        labeled_loader,
-        layers=layers,
-        device=device,
-        progress=progress,
-        inputs=inputs,
-        labels=labels,
-        outputs=outputs,
-    )
-    scores = score(
-        model,
-        pool_loader,
-        grad,
-        gamma=gamma,
-        backend=backend,
-        device=device,
-        progress=progress,
-        inputs=inputs,
-        outputs=outputs,
-    )
+    common = dict(device=device, progress=progress, inputs=inputs, outputs=outputs)
+    grad = labeled_grad(model, labeled_loader, layers=layers, labels=labels, **common)
+    scores = score(model, pool_loader, grad, gamma=gamma, backend=backend, **common)
     return select(scores, b)

@@ -11,6 +11,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from fastdal.models import BasicBlock  # conv, BatchNorm, in-place residual add and ReLU
+
 
 def randomize_norm_statistics(model: nn.Module) -> nn.Module:
     for m in model.modules():
@@ -33,24 +35,6 @@ class MLP(nn.Module):
 
     def forward(self, x):
         return self.head(self.net(x))
-
-
-class BasicBlock(nn.Module):
-    def __init__(self, c_in, c_out, stride):
-        super().__init__()
-        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False)
-        self.bn1 = nn.BatchNorm2d(c_out)
-        self.conv2 = nn.Conv2d(c_out, c_out, 3, padding=1, bias=False)
-        self.bn2 = nn.BatchNorm2d(c_out)
-        self.shortcut = nn.Sequential()
-        if stride != 1 or c_in != c_out:
-            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride=stride, bias=False), nn.BatchNorm2d(c_out))
-
-    def forward(self, x):
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
-        out = self.bn2(self.conv2(out))
-        out += self.shortcut(x)  # in place on bn2's output, as torchvision's ResNet does
-        return F.relu(out)
 
 
 class ResCNN(nn.Module):
