@@ -27,6 +27,7 @@ from .grads import LabeledGrad, as_grad_dict
 from .ops import last_layer_labeled_grad
 from .passes import (
     BackwardPass,
+    BatchTerms,
     LastLayerPass,
     check_batchnorm_statistics,
     find_head,
@@ -106,7 +107,7 @@ def score(
     params = dict(model.named_parameters())
     dtype = accumulation_dtype(params[n] for n in grads)
     if backend == backends.REFERENCE:
-        from . import reference
+        from . import reference  # imported here: fastdal.reference builds on this module
 
         result = reference.score(
             model,
@@ -123,7 +124,7 @@ def score(
         result = ScoreResult(*(t.to(dtype) for t in result[:3]), result.pseudo_label)
         return result if return_components else result.score
 
-    parts: list[tuple[Tensor, Tensor, Tensor]] = []
+    parts: list[BatchTerms] = []
     covered = [params[n] for n in grads]
     with model_on_device(model, device) as dev, preserved_model_state(model, covered):
         local = {n: g.to(device=dev, dtype=dtype) for n, g in grads.items()}

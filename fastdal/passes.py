@@ -17,7 +17,7 @@ from torch import Tensor, nn
 
 from . import generic, layers
 from .batches import check_finite, check_labels, read_logits
-from .capture import Call, Plan, Recorder, Target, reachable_parameters
+from .capture import Call, Plan, Recorder, Target, module_kind, reachable_parameters
 from .ops import last_layer_terms
 
 # The first batch may reveal that the plan needs changing (a module never called, or called on a
@@ -27,9 +27,8 @@ _MAX_REFINEMENTS = 64
 
 # On CPU the backward pass runs on pieces of at most this many samples of a batch whose only input
 # is one tensor: per-sample work gains nothing from bigger batches there, while batch-sized
-# activations and output gradients cost memory traffic (bench/bench_score.py: the vanilla CNN at
-# batch 128 scores about 1.3x faster this way). Other inputs are never split: only a lone tensor
-# input is known to have the sample dimension first.
+# activations and output gradients cost memory traffic that smaller pieces keep in cache. Other
+# inputs are never split: only a lone tensor input is known to have the sample dimension first.
 CPU_MICRO_BATCH = 32
 
 
@@ -196,8 +195,6 @@ class BackwardPass:
 def find_head(model: nn.Module, args: tuple, kwargs: dict, outputs: Callable | None) -> str:
     """Name of the model's final ``nn.Linear``: the one whose output is the model's output, else the
     last one called."""
-    from .capture import module_kind
-
     linears = [Target(name, m, "linear") for name, m in model.named_modules() if module_kind(m) == "linear"]
     calls, order, logits = forward_recorded(model, linears, args, kwargs, outputs, grad=False)
     for target in linears:
