@@ -216,6 +216,19 @@ class HeadThenScale(nn.Module):
         return self.head(torch.relu(self.body(x))) / 0.7
 
 
+class UnusedBranch(nn.Module):
+    """An auxiliary head that forward never calls (its gradient is zero) and a layer called by keyword."""
+
+    def __init__(self, classes=4):
+        super().__init__()
+        self.body = nn.Linear(6, 8)
+        self.aux = nn.Linear(8, 3)
+        self.head = nn.Linear(8, classes)
+
+    def forward(self, x):
+        return self.head(input=torch.tanh(self.body(input=x)))
+
+
 def _float(shape):
     return lambda n, dtype: torch.randn(n, *shape, dtype=dtype)
 
@@ -240,6 +253,7 @@ EXTRA_MODELS = {
     "reused": (ReusedLayer, _float((2, 5, 5)), 4),
     "seq_first": (SeqFirstLinear, _float((6, 4)), 3),
     "head_then_scale": (HeadThenScale, _float((7,)), 5),
+    "unused_branch": (UnusedBranch, _float((6,)), 4),
 }
 
 
