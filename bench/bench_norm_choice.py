@@ -4,7 +4,7 @@ For every layer shape it times, on the same tensors: the batched weight gradient
 step pays), the direct norm (per-sample weight gradients from PyTorch's convolution backward on
 batches of one), and the ghost norm (unfolded input, T x T Gram matrices, dot by GEMM). It prints
 the ratio of each to the batched weight gradient and the strategy fastdal's cost model picks, so
-the model's constant (fastdal.layers.MATERIALIZE_COST) can be checked against measurements.
+the model's constant (fastdal.torch_ops.MATERIALIZE_COST) can be checked against measurements.
 
     python bench/bench_norm_choice.py
 """
@@ -18,6 +18,7 @@ import torch
 from torch import nn
 
 import fastdal.layers as L
+import fastdal.torch_ops as T
 from fastdal.capture import Call, Target
 
 
@@ -65,13 +66,13 @@ def main() -> None:
         t_wgrad = _time(partial(_batched_weight_gradient, conv, x, delta))
         times = {}
         for strategy, cost in (("direct", 0), ("ghost", 10**12)):
-            L.MATERIALIZE_COST, saved = cost, L.MATERIALIZE_COST
+            T.MATERIALIZE_COST, saved = cost, T.MATERIALIZE_COST
             try:
                 times[strategy] = _time(partial(L.conv_terms, target, [call], grads, batch, torch.float32))
             finally:
-                L.MATERIALIZE_COST = saved
+                T.MATERIALIZE_COST = saved
         positions = (size // stride) ** 2
-        picks = "ghost" if L.use_ghost_norm(positions, c_in * 9, c_out) else "direct"
+        picks = "ghost" if T.use_ghost_norm(positions, c_in * 9, c_out) else "direct"
         print(
             f"{name:22s} {positions:5d} {c_in * 9:5d} {c_out:5d} {t_wgrad * 1e3:9.1f} "
             f"{times['direct'] / t_wgrad:7.2f} {times['ghost'] / t_wgrad:7.2f}  {picks}"

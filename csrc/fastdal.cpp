@@ -1,8 +1,27 @@
-// The `fastdal` operator library: op schemas are declared here, implementations register in
-// csrc/cpu/<op>.cpp (OpenMP) and csrc/cuda/<op>.cu. No compiled op exists yet; every op runs on the
-// `torch` backend (fastdal/backends.py).
+// The `fastdal` operator library: the schemas of fastdal's compiled ops. Their math is stated in
+// fastdal/ops.py; the CPU implementations register in csrc/cpu/<op>.cpp, the CUDA ones in
+// csrc/cuda/<op>.cu, and the fake (meta) implementations in fastdal/_ext.py.
+#include <Python.h>
 #include <torch/library.h>
 
+// Importing fastdal._C loads this library and so registers the ops; the module itself is empty.
+extern "C" {
+PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}
+}
+
 TORCH_LIBRARY(fastdal, m) {
-  (void)m;  // schemas come with the first compiled op
+  // Per row of h (N, D): z = W h + b, yhat = argmax z, e = softmax(z) - onehot(yhat),
+  // c = G_W h + G_b; sq_norm = ||e||^2 (||h||^2 [G_W given] + 1 [G_b given]), dot = e . c,
+  // score = sq_norm + gamma * dot. Streams over K: no N x K tensor.
+  m.def(
+      "last_layer_score(Tensor h, Tensor weight, Tensor? bias, Tensor? weight_grad, Tensor? bias_grad, "
+      "float gamma) -> (Tensor score, Tensor sq_norm, Tensor dot, Tensor pseudo_label)");
+  // Per row n of a (N, T, d_in) and delta (N, T, d_out), g = delta[n]^T a[n] (d_out x d_in):
+  // sq_norm = ||g||^2, dot = <g, weight_grad[n % groups]>. Ghost or direct, tile by tile.
+  m.def(
+      "linear_sample_score(Tensor a, Tensor delta, Tensor? weight_grad, int groups, bool ghost) "
+      "-> (Tensor sq_norm, Tensor dot)");
 }

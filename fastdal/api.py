@@ -89,7 +89,8 @@ def score(
         pool_loader: batches of pool samples, in a fixed order (a DataLoader with shuffle=False).
         labeled_grad: from :func:`labeled_grad`, or a dict of parameter name to tensor.
         gamma: weight of the inner-product term (the paper uses 2).
-        backend: "auto", "torch" or "reference" (fastdal.backends lists the rest).
+        backend: "auto", "torch", "cpp", "cuda", "triton" or "reference" (fastdal.backends.available()
+            says which can run here); "auto" defers to the ``FASTDAL_BACKEND`` environment variable.
         device: where to compute; default: the model's device.
         progress: show a progress bar; default: only when stderr is a terminal.
         return_components: return a :class:`ScoreResult` instead of the scores alone.
@@ -100,7 +101,8 @@ def score(
         ``(N,)`` scores on the CPU, float64 for a float64 model and float32 otherwise.
     """
     gamma = _check_gamma(gamma)
-    backend = backends.resolve(backend)
+    backend = backends.requested(backend)
+    backends.check_runs_here(backend)
     check_loader(pool_loader, "pool_loader", pool=True)
     grads = as_grad_dict(labeled_grad, model)
     check_batchnorm_statistics(model)
@@ -129,7 +131,7 @@ def score(
     with model_on_device(model, device) as dev, preserved_model_state(model, covered):
         local = {n: g.to(device=dev, dtype=dtype) for n, g in grads.items()}
         head = _single_linear(model, list(local))
-        last = LastLayerPass(model, head, local, dtype) if head is not None else None
+        last = LastLayerPass(model, head, local, backend) if head is not None else None
         full: BackwardPass | None = None
         seen = 0
         for batch in with_progress(pool_loader, progress, "fastdal.score"):
@@ -139,7 +141,7 @@ def score(
                 # Something follows the head (or there is no single head): use the backward pass
                 # from here on.
                 last = None
-                full = full or BackwardPass(model, local, dtype)
+                full = full or BackwardPass(model, local, dtype, backend)
                 terms = full(args, kwargs, outputs, seen)
             parts.append(terms)
             seen += terms.pseudo_label.shape[0]
@@ -311,7 +313,7 @@ def query(
 ) -> Tensor:
     """The paper's query: :func:`labeled_grad`, then :func:`score`, then the top-``b`` pool indices."""
     _check_gamma(gamma)
-    backends.resolve(backend)
+    backends.check_runs_here(backends.requested(backend))
     check_loader(pool_loader, "pool_loader", pool=True)
     size = pool_size(pool_loader)
     if size is not None:

@@ -3,7 +3,7 @@
 For one recorded call of module ``m`` with inputs ``x`` and output gradient ``delta``, the gradient of
 sample ``i`` is ``d/dtheta <m(x_i; theta), delta_i>``: ``torch.func.grad`` of that scalar, mapped over
 samples with ``torch.func.vmap``. Samples are processed in chunks so that a chunk's per-sample
-gradients stay under :data:`fastdal.layers.CHUNK_ELEMENTS`. If ``vmap`` cannot map the module (an
+gradients stay under :data:`fastdal.torch_ops.CHUNK_ELEMENTS`. If ``vmap`` cannot map the module (an
 operator without a batching rule), the same function runs one sample at a time.
 """
 
@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
 from .capture import Call, Target, batch_dim
-from .layers import _chunks, _sq_and_dot
+from .torch_ops import chunks, sq_and_dot
 
 
 def sample_dim(module: nn.Module, t: object, batch_size: int) -> int | None:
@@ -88,7 +88,12 @@ def _per_sample_gradients(
 
 
 def generic_terms(
-    target: Target, calls: list[Call], grads: dict[str, Tensor], batch_size: int, dtype: torch.dtype
+    target: Target,
+    calls: list[Call],
+    grads: dict[str, Tensor],
+    batch_size: int,
+    dtype: torch.dtype,
+    backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """``||g||^2`` and ``<g, G>`` over ``target.params``, summing each sample's gradient over calls."""
     module = target.module
@@ -98,7 +103,7 @@ def generic_terms(
     sq = torch.zeros(batch_size, dtype=dtype, device=device)
     dot = torch.zeros_like(sq)
     with torch.no_grad():
-        for samples in _chunks(batch_size, size):
+        for samples in chunks(batch_size, size):
             total: dict[str, Tensor] | None = None
             for call in calls:
                 g = _per_sample_gradients(module, params, call, samples, batch_size)
@@ -106,7 +111,7 @@ def generic_terms(
             if total is None:
                 continue
             for local, g in total.items():
-                s, d = _sq_and_dot(g.to(dtype), grads[local])
+                s, d = sq_and_dot(g.to(dtype), grads[local])
                 sq[samples] += s
                 dot[samples] += d
     return sq, dot

@@ -2,28 +2,23 @@
 ``||g||^2`` and ``<g, G>`` of its parameters, without ever holding a batch x parameters tensor.
 
 The formulas are those of DESIGN.md section 1 ("Whole model"). Everything is computed in the
-accumulation dtype (float64 for float64 models, float32 otherwise). Work that grows with the batch
-(unfolded inputs, per-sample weight gradients, T x T ghost matrices) is done in chunks of samples
-sized by :data:`CHUNK_ELEMENTS`.
+accumulation dtype (float64 for float64 models, float32 otherwise). Weights used as ``W a_t`` over
+positions (Linear, convolution) go through the op ``linear_sample_score`` on the chosen backend;
+work that grows with the batch (unfolded inputs) is done in chunks of samples sized by
+:data:`fastdal.torch_ops.CHUNK_ELEMENTS`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import backends, ops
 from .capture import Call, Target, batch_dim
-
-# Upper bound, in elements, on the per-chunk temporaries of one layer (64 MiB in float32).
-CHUNK_ELEMENTS = 1 << 24
-
-# Cost, in multiply-adds, charged per element of a materialized per-sample weight gradient by the
-# norm-strategy choice below. Fitted to bench/bench_norm_choice.py on CPU: the ghost norm wins for
-# ResNet-18's 8x8 and 4x4 stages, the direct norm from 16x16 up (any value in about 18..570 agrees).
-MATERIALIZE_COST = 64
+from .torch_ops import chunks, sq_and_dot, use_ghost_norm
 
 
 def data_input(call: Call) -> Tensor:
@@ -81,79 +76,9 @@ def _inputs_and_deltas(target: Target, calls: list[Call], batch_size: int, dtype
     return pairs
 
 
-def _chunks(batch_size: int, per_sample: int) -> Iterator[slice]:
-    step = max(1, CHUNK_ELEMENTS // max(1, per_sample))
-    for start in range(0, batch_size, step):
-        yield slice(start, min(start + step, batch_size))
-
-
-def _sq_and_dot(per_sample: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor]:
-    """``||g_i||^2`` and ``<g_i, G>`` for per-sample gradients ``per_sample: (B, *shape)``."""
-    flat = per_sample.reshape(per_sample.shape[0], -1)
-    sq = torch.linalg.vector_norm(flat, dim=1).square()
-    dot = flat @ grad.reshape(-1) if grad is not None else torch.zeros_like(sq)
-    return sq, dot
-
-
-def use_ghost_norm(positions: int, d_in: int, d_out: int) -> bool:
-    """Ghost norm (T x T Gram matrices) or direct norm (materialized d_out x d_in gradient), by cost.
-
-    Both pay about T d_in d_out multiply-adds (the dot-product GEMM for ghost, the per-sample gradient
-    for direct); on top, ghost pays T^2 (d_in + d_out) for the Gram matrices and direct pays for
-    writing and reducing d_in d_out elements per sample.
-    """
-    return positions * positions * (d_in + d_out) < MATERIALIZE_COST * d_in * d_out
-
-
-def _ghost_terms(
-    batch_size: int,
-    blocks: Callable[[slice], list[tuple[Tensor, Tensor]]],
-    work_per_sample: int,
-    grad: Tensor | None,
-    like: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Ghost-norm terms of a weight used as ``out_t = W a_t`` over T positions, in chunks of samples.
-
-    ``blocks(samples)`` gives, for every call, ``a: (b, G, d_in, T)`` and ``delta: (b, G, d_out, T)``
-    for G groups of channels; ``grad: (G, d_out, d_in)``. With ``g = sum_t delta_t a_t^T``:
-    ``||g||^2 = <a^T a, delta^T delta>`` and ``<g, G> = <delta, G a>``, summed over groups.
-    """
-    sq = like.new_zeros(batch_size)
-    dot = like.new_zeros(batch_size)
-    for samples in _chunks(batch_size, work_per_sample):
-        pairs = blocks(samples)
-        # Several calls of one module add their positions: g = sum over all (t, call).
-        a = pairs[0][0] if len(pairs) == 1 else torch.cat([a for a, _ in pairs], -1)
-        delta = pairs[0][1] if len(pairs) == 1 else torch.cat([d for _, d in pairs], -1)
-        if a.shape[-1] == 1:
-            sq[samples] = (a.square().sum(2) * delta.square().sum(2)).sum(dim=(1, 2))
-        else:
-            sq[samples] = ((a.transpose(-1, -2) @ a) * (delta.transpose(-1, -2) @ delta)).sum(dim=(1, 2, 3))
-        if grad is not None:
-            # einsum turns this into one GEMM per group with (sample, position) as rows.
-            dot[samples] = (delta * torch.einsum("bgit,goi->bgot", a, grad)).sum(dim=(1, 2, 3))
-    return sq, dot
-
-
-def _direct_terms(
-    batch_size: int,
-    gradients: Callable[[slice], Tensor],
-    work_per_sample: int,
-    grad: Tensor | None,
-    like: Tensor,
-) -> tuple[Tensor, Tensor]:
-    """Terms from materialized per-sample weight gradients ``gradients(samples): (b, *weight.shape)``,
-    one chunk of samples at a time."""
-    sq = like.new_zeros(batch_size)
-    dot = like.new_zeros(batch_size)
-    for samples in _chunks(batch_size, work_per_sample):
-        sq[samples], dot[samples] = _sq_and_dot(gradients(samples), grad)
-    return sq, dot
-
-
 def _bias_terms(delta_sums: list[Tensor], grad: Tensor | None) -> tuple[Tensor, Tensor]:
     """Bias gradient of a sample is its output gradient summed over positions (and calls)."""
-    return _sq_and_dot(sum(delta_sums), grad)
+    return sq_and_dot(sum(delta_sums), grad)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -161,7 +86,7 @@ def _bias_terms(delta_sums: list[Tensor], grad: Tensor | None) -> tuple[Tensor, 
 # --------------------------------------------------------------------------------------------------
 
 
-def linear_terms(target, calls, grads, batch_size, dtype):
+def linear_terms(target, calls, grads, batch_size, dtype, backend="auto"):
     m: nn.Linear = target.module
     pairs = [
         (a.reshape(batch_size, -1, m.in_features), d.reshape(batch_size, -1, m.out_features))
@@ -172,21 +97,17 @@ def linear_terms(target, calls, grads, batch_size, dtype):
     if not pairs:
         return sq, dot
     if "weight" in target.params:
-        positions = sum(a.shape[1] for a, _ in pairs)
-        d_in, d_out = m.in_features, m.out_features
+        # Several calls of one module add their positions: g = sum over all (t, call).
+        a = pairs[0][0] if len(pairs) == 1 else torch.cat([a for a, _ in pairs], 1)
+        delta = pairs[0][1] if len(pairs) == 1 else torch.cat([d for _, d in pairs], 1)
         w_grad = grads.get("weight")
-        if use_ghost_norm(positions, d_in, d_out):
-            s, d = _ghost_terms(
-                batch_size,
-                lambda sl: [(a[sl].transpose(1, 2)[:, None], dd[sl].transpose(1, 2)[:, None]) for a, dd in pairs],
-                2 * positions * positions + d_out * positions,
-                None if w_grad is None else w_grad[None],
-                sq,
-            )
-        else:
-            s, d = _direct_terms(
-                batch_size, lambda sl: sum(dd[sl].transpose(1, 2) @ a[sl] for a, dd in pairs), d_out * d_in, w_grad, sq
-            )
+        s, d = ops.linear_sample_score(
+            a,
+            delta,
+            None if w_grad is None else w_grad[None],
+            ghost=use_ghost_norm(*a.shape[1:], delta.shape[2]),
+            backend=backend,
+        )
         sq, dot = sq + s, dot + d
     if "bias" in target.params:
         s, d = _bias_terms([dd.sum(1) for _, dd in pairs], grads.get("bias"))
@@ -194,12 +115,13 @@ def linear_terms(target, calls, grads, batch_size, dtype):
     return sq, dot
 
 
-def conv_terms(target, calls, grads, batch_size, dtype):
+def conv_terms(target, calls, grads, batch_size, dtype, backend="auto"):
     """Conv1d/Conv2d: the input is padded explicitly (any padding mode) and the conv run unpadded.
 
-    Direct norm: each sample's weight gradient comes from PyTorch's own convolution weight-gradient
-    kernel on a batch of one (no im2col copy, which costs more than the convolution on CPU). Ghost
-    norm (few output positions): the unfolded input gives the T x T Gram matrices.
+    Direct norm on the torch backend: each sample's weight gradient comes from PyTorch's own
+    convolution weight-gradient kernel on a batch of one (no im2col copy, which costs more than the
+    convolution on CPU). Otherwise (ghost norm, or a native backend) ``linear_sample_score`` runs on
+    the unfolded input.
     """
     m: nn.Conv1d | nn.Conv2d = target.module
     pairs = [
@@ -218,42 +140,52 @@ def conv_terms(target, calls, grads, batch_size, dtype):
     if not pairs:
         return sq, dot
     if "weight" in target.params:
-        groups = m.groups
-        d_in = m.weight[0].numel()
-        d_out = m.out_channels // groups
+        d_in, d_out = m.weight[0].numel(), m.out_channels // m.groups
         positions = sum(d[0].numel() // m.out_channels for _, d in pairs)
         w_grad = grads.get("weight")
-        if use_ghost_norm(positions, d_in, d_out):
-
-            def blocks(sl: slice) -> list[tuple[Tensor, Tensor]]:
-                out = []
-                for x, delta in pairs:
-                    x = x[sl]
-                    two_d = x.dim() == 4
-                    cols = F.unfold(
-                        x if two_d else x.unsqueeze(2),
-                        m.kernel_size if two_d else (1, m.kernel_size[0]),
-                        dilation=m.dilation if two_d else (1, m.dilation[0]),
-                        stride=m.stride if two_d else (1, m.stride[0]),
-                    )
-                    b = cols.shape[0]
-                    out.append((cols.view(b, groups, d_in, -1), delta[sl].reshape(b, groups, d_out, -1)))
-                return out
-
-            s, d = _ghost_terms(
-                batch_size,
-                blocks,
-                groups * (2 * positions * positions + d_out * positions + d_in * positions),
-                None if w_grad is None else w_grad.reshape(groups, d_out, d_in),
-                sq,
-            )
-        else:
+        ghost = use_ghost_norm(positions, d_in, d_out)
+        if not ghost and backends.choose("linear_sample_score", backend, [pairs[0][0]]) == backends.TORCH:
             s, d = _conv_direct_terms(m, pairs, w_grad, batch_size, dtype)
+        else:
+            s, d = _unfolded_conv_terms(m, pairs, w_grad, batch_size, ghost, backend)
         sq, dot = sq + s, dot + d
     if "bias" in target.params:
         s, d = _bias_terms([dd.reshape(batch_size, m.out_channels, -1).sum(-1) for _, dd in pairs], grads.get("bias"))
         sq, dot = sq + s, dot + d
     return sq, dot
+
+
+def _unfolded_conv_terms(m, pairs, grad: Tensor | None, batch_size: int, ghost: bool, backend: str):
+    """Conv weight terms by ``linear_sample_score`` on the unfolded input, a chunk of samples at a time.
+
+    One row per (sample, group): ``a: (b * groups, T, d_in)`` and ``delta: (b * groups, T, d_out)``
+    are strided views of the unfolded input and the output gradient (no copy).
+    """
+    groups = m.groups
+    d_in, d_out = m.weight[0].numel(), m.out_channels // groups
+    positions = sum(d[0].numel() // m.out_channels for _, d in pairs)
+    w_grad = None if grad is None else grad.reshape(groups, d_out, d_in)
+    sq, dot = [], []
+    for samples in chunks(batch_size, groups * positions * (d_in + d_out)):
+        cols, deltas = [], []
+        for x, delta in pairs:
+            x = x[samples]
+            two_d = x.dim() == 4
+            unfolded = F.unfold(
+                x if two_d else x.unsqueeze(2),
+                m.kernel_size if two_d else (1, m.kernel_size[0]),
+                dilation=m.dilation if two_d else (1, m.dilation[0]),
+                stride=m.stride if two_d else (1, m.stride[0]),
+            )
+            b = unfolded.shape[0]
+            cols.append(unfolded.view(b * groups, d_in, -1).transpose(1, 2))
+            deltas.append(delta[samples].reshape(b * groups, d_out, -1).transpose(1, 2))
+        a = cols[0] if len(cols) == 1 else torch.cat(cols, 1)
+        delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, 1)
+        s, d = ops.linear_sample_score(a, delta, w_grad, groups=groups, ghost=ghost, backend=backend)
+        sq.append(s.view(-1, groups).sum(1))
+        dot.append(d.view(-1, groups).sum(1))
+    return torch.cat(sq), torch.cat(dot)
 
 
 def _conv_direct_terms(m, pairs, grad: Tensor | None, batch_size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
@@ -303,12 +235,12 @@ def _affine_terms(target, pairs, normalize: Callable[[Tensor], Tensor], reduce_d
     dot = torch.zeros_like(sq)
     for total, name in ((w_sum, "weight"), (b_sum, "bias")):
         if total is not None:
-            s, d = _sq_and_dot(total, grads.get(name))
+            s, d = sq_and_dot(total, grads.get(name))
             sq, dot = sq + s, dot + d
     return sq, dot
 
 
-def batchnorm_terms(target, calls, grads, batch_size, dtype):
+def batchnorm_terms(target, calls, grads, batch_size, dtype, backend="auto"):
     m: nn.modules.batchnorm._BatchNorm = target.module
 
     def normalize(a: Tensor) -> Tensor:
@@ -321,7 +253,7 @@ def batchnorm_terms(target, calls, grads, batch_size, dtype):
     return _affine_terms(target, pairs, normalize, lambda a: tuple(range(2, a.dim())), grads, batch_size, dtype)
 
 
-def layernorm_terms(target, calls, grads, batch_size, dtype):
+def layernorm_terms(target, calls, grads, batch_size, dtype, backend="auto"):
     m = target.module
     n = len(m.normalized_shape)
     rms = target.kind == "rmsnorm"
@@ -339,7 +271,7 @@ def layernorm_terms(target, calls, grads, batch_size, dtype):
     return _affine_terms(target, pairs, normalize, lambda a: tuple(range(1, a.dim() - n)), grads, batch_size, dtype)
 
 
-def groupnorm_terms(target, calls, grads, batch_size, dtype):
+def groupnorm_terms(target, calls, grads, batch_size, dtype, backend="auto"):
     m: nn.GroupNorm = target.module
 
     def normalize(a: Tensor) -> Tensor:
@@ -351,7 +283,7 @@ def groupnorm_terms(target, calls, grads, batch_size, dtype):
     return _affine_terms(target, pairs, normalize, lambda a: tuple(range(2, a.dim())), grads, batch_size, dtype)
 
 
-def embedding_terms(target, calls, grads, batch_size, dtype):
+def embedding_terms(target, calls, grads, batch_size, dtype, backend="auto"):
     """Rows of a sample's gradient are its output gradients summed over positions with the same id.
 
     ``||g||^2 = sum_{t,s} [i_t = i_s] delta_t . delta_s`` is computed by summing rows per distinct

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from . import generic, layers
 from .batches import check_finite, check_labels, read_logits
 from .capture import Call, Plan, Recorder, Target, module_kind, reachable_parameters
-from .ops import last_layer_terms
+from .ops import last_layer_score
 
 # The first batch may reveal that the plan needs changing (a module never called, or called on a
 # tensor without a sample dimension); each change hands parameters one level up and re-runs the batch.
@@ -69,8 +69,8 @@ def forward_recorded(
 class LastLayerPass:
     """Closed form for a covered final ``nn.Linear``: one no-grad forward, no backward."""
 
-    def __init__(self, model: nn.Module, target: Target, grads: dict[str, Tensor], dtype: torch.dtype):
-        self.model, self.target, self.dtype = model, target, dtype
+    def __init__(self, model: nn.Module, target: Target, grads: dict[str, Tensor], backend: str):
+        self.model, self.target, self.backend = model, target, backend
         self.weight_grad = grads.get(target.params.get("weight", ""))
         self.bias_grad = grads.get(target.params.get("bias", ""))
 
@@ -81,7 +81,9 @@ class LastLayerPass:
             return None
         h, logits = found
         check_finite(logits, first_index, "pool")
-        return BatchTerms(*last_layer_terms(h, logits, self.weight_grad, self.bias_grad, self.dtype))
+        weight, bias = (None if p is None else p.detach() for p in (self.target.module.weight, self.target.module.bias))
+        terms = last_layer_score(h, weight, bias, self.weight_grad, self.bias_grad, gamma=0.0, backend=self.backend)
+        return BatchTerms(terms.sq_norm, terms.dot, terms.pseudo_label)
 
 
 def head_input_and_logits(
@@ -100,8 +102,8 @@ def head_input_and_logits(
 class BackwardPass:
     """Any set of covered parameters: one forward with grad and one backward per batch."""
 
-    def __init__(self, model: nn.Module, grads: dict[str, Tensor], dtype: torch.dtype):
-        self.model, self.grads, self.dtype = model, grads, dtype
+    def __init__(self, model: nn.Module, grads: dict[str, Tensor], dtype: torch.dtype, backend: str):
+        self.model, self.grads, self.dtype, self.backend = model, grads, dtype, backend
         self.plan = Plan(model, grads)
         self.warned: set[str] = set()
 
@@ -135,7 +137,7 @@ class BackwardPass:
                 continue  # not called in this batch: its parameters got no gradient
             local_grads = {local: self.grads[full] for local, full in target.params.items()}
             terms = generic.generic_terms if target.kind == "generic" else layers.CLOSED_FORM[target.kind]
-            s, d = terms(target, record, local_grads, batch_size, self.dtype)
+            s, d = terms(target, record, local_grads, batch_size, self.dtype, backend=self.backend)
             sq += s
             dot += d
         return BatchTerms(sq, dot, pseudo)

@@ -102,8 +102,11 @@ def test_reference_backend_matches_reference():
 
 def test_backends_report_availability():
     report = fastdal.backends.available()
+    assert set(report) == {"torch", "cpp", "cuda", "triton", "reference"}
     assert report["torch"] is None and report["reference"] is None
-    assert all(isinstance(report[name], str) for name in ("cpp", "cuda", "triton"))
+    assert all(reason is None or (isinstance(reason, str) and reason) for reason in report.values())
+    if not torch.cuda.is_available():
+        assert "no CUDA device" in report["cuda"]
 
 
 def test_progress_bar_is_shown_on_request(capsys):

@@ -7,7 +7,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastdal
-import fastdal.layers
+import fastdal.torch_ops
 
 from conftest import relative_error
 from helpers import loaders
@@ -31,17 +31,17 @@ def _compare(model, pool, grads, tol=1e-9):
 def test_ghost_and_direct_norms_in_small_chunks(monkeypatch, name, strategy):
     # MATERIALIZE_COST 0 makes every layer take the direct norm, a huge one the ghost norm; a tiny
     # chunk budget makes every layer work one or two samples at a time.
-    monkeypatch.setattr(fastdal.layers, "MATERIALIZE_COST", 0 if strategy == "direct" else 10**12)
-    monkeypatch.setattr(fastdal.layers, "CHUNK_ELEMENTS", 64)
+    monkeypatch.setattr(fastdal.torch_ops, "MATERIALIZE_COST", 0 if strategy == "direct" else 10**12)
+    monkeypatch.setattr(fastdal.torch_ops, "CHUNK_ELEMENTS", 64)
     model, make_inputs, classes = build(name)
     _, pool = loaders(make_inputs, classes, torch.float64)
     _compare(model, pool, _random_grad(model))
 
 
 def test_norm_choice_follows_cost():
-    assert fastdal.layers.use_ghost_norm(positions=1, d_in=512, d_out=10)  # plain Linear: always ghost
-    assert fastdal.layers.use_ghost_norm(positions=16, d_in=4608, d_out=512)  # late conv, few positions
-    assert not fastdal.layers.use_ghost_norm(positions=1024, d_in=27, d_out=32)  # early conv, many positions
+    assert fastdal.torch_ops.use_ghost_norm(positions=1, d_in=512, d_out=10)  # plain Linear: always ghost
+    assert fastdal.torch_ops.use_ghost_norm(positions=16, d_in=4608, d_out=512)  # late conv, few positions
+    assert not fastdal.torch_ops.use_ghost_norm(positions=1024, d_in=27, d_out=32)  # early conv, many positions
 
 
 class ConvVariants(nn.Module):
@@ -108,8 +108,8 @@ class _LargestTensor(TorchDispatchMode):
 @pytest.mark.parametrize("strategy", ["direct", "ghost"])
 def test_no_batch_by_parameters_tensor(monkeypatch, strategy):
     """The largest tensor any op creates stays well below batch x parameters, for either norm strategy."""
-    monkeypatch.setattr(fastdal.layers, "CHUNK_ELEMENTS", 4096)
-    monkeypatch.setattr(fastdal.layers, "MATERIALIZE_COST", 0 if strategy == "direct" else 10**12)
+    monkeypatch.setattr(fastdal.torch_ops, "CHUNK_ELEMENTS", 4096)
+    monkeypatch.setattr(fastdal.torch_ops, "MATERIALIZE_COST", 0 if strategy == "direct" else 10**12)
     model = nn.Sequential(
         nn.Conv2d(16, 64, 3, padding=1),
         nn.Tanh(),

@@ -1,0 +1,125 @@
+"""The ``torch`` backend of fastdal's ops: vectorized PyTorch, every device and dtype.
+
+The math of each op is stated in fastdal/ops.py. Work is chunked over rows so that temporaries stay
+under :data:`CHUNK_ELEMENTS` (the ``N x K`` softmax of a large head, the ``T x T`` Gram matrices and
+the per-sample weight gradients exist one chunk at a time).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+# Upper bound, in elements, on the per-chunk temporaries of one op or layer (64 MiB in float32).
+CHUNK_ELEMENTS = 1 << 24
+
+# Cost, in multiply-adds, charged per element of a materialized per-sample weight gradient by the
+# choice between ghost and direct norm (use_ghost_norm). Fitted to bench/bench_norm_choice.py on CPU:
+# the ghost norm wins for ResNet-18's 8x8 and 4x4 stages, the direct norm from 16x16 up (any value
+# in about 18..570 agrees).
+MATERIALIZE_COST = 64
+
+
+def chunks(rows: int, per_row: int) -> Iterator[slice]:
+    """Slices of ``rows`` whose temporaries (``per_row`` elements each) fit in CHUNK_ELEMENTS."""
+    step = max(1, CHUNK_ELEMENTS // max(1, per_row))
+    for start in range(0, rows, step):
+        yield slice(start, min(start + step, rows))
+
+
+def sq_and_dot(per_sample: Tensor, grad: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``||g_i||^2`` and ``<g_i, G>`` for per-sample gradients ``per_sample: (B, *shape)``."""
+    flat = per_sample.reshape(per_sample.shape[0], -1)
+    sq = torch.linalg.vector_norm(flat, dim=1).square()
+    dot = flat @ grad.reshape(-1) if grad is not None else torch.zeros_like(sq)
+    return sq, dot
+
+
+def use_ghost_norm(positions: int, d_in: int, d_out: int) -> bool:
+    """Ghost norm (T x T Gram matrices) or direct norm (materialized d_out x d_in gradient), by cost.
+
+    Both pay about T d_in d_out multiply-adds (the dot-product GEMM for ghost, the per-sample gradient
+    for direct); on top, ghost pays T^2 (d_in + d_out) for the Gram matrices and direct pays for
+    writing and reducing d_in d_out elements per sample.
+    """
+    return positions * positions * (d_in + d_out) < MATERIALIZE_COST * d_in * d_out
+
+
+def accumulation_dtype(t: Tensor) -> torch.dtype:
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+@torch.no_grad()
+def last_layer_score(
+    h: Tensor,
+    weight: Tensor,
+    bias: Tensor | None,
+    weight_grad: Tensor | None,
+    bias_grad: Tensor | None,
+    gamma: float,
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    dtype = accumulation_dtype(h)
+    n, k = h.shape[0], weight.shape[0]
+    score = torch.empty(n, dtype=dtype, device=h.device)
+    sq = torch.empty_like(score)
+    dot = torch.empty_like(score)
+    pseudo = torch.empty(n, dtype=torch.long, device=h.device)
+    w = weight.to(dtype)
+    b = None if bias is None else bias.to(dtype)
+    gw = None if weight_grad is None else weight_grad.to(dtype)
+    gb = None if bias_grad is None else bias_grad.to(dtype)
+    for rows in chunks(n, 3 * k):
+        x = h[rows].to(dtype)
+        z = torch.nn.functional.linear(x, w, b)
+        pseudo[rows] = z.argmax(dim=1)
+        e = torch.softmax(z, dim=1)
+        e[torch.arange(e.shape[0], device=e.device), pseudo[rows]] -= 1
+        scale = torch.zeros(x.shape[0], dtype=dtype, device=h.device)
+        c = torch.zeros_like(z)
+        if gw is not None:
+            scale = scale + x.square().sum(dim=1)
+            c = c + x @ gw.T
+        if gb is not None:
+            scale = scale + 1
+            c = c + gb
+        finite = torch.isfinite(z).all(dim=1)
+        sq[rows] = torch.where(finite, e.square().sum(dim=1) * scale, torch.nan)
+        dot[rows] = torch.where(finite, (e * c).sum(dim=1), torch.nan)
+    torch.add(sq, dot, alpha=gamma, out=score)
+    return score, sq, dot, pseudo
+
+
+@torch.no_grad()
+def linear_sample_score(
+    a: Tensor, delta: Tensor, weight_grad: Tensor | None, groups: int, ghost: bool
+) -> tuple[Tensor, Tensor]:
+    dtype = accumulation_dtype(a)
+    n, t, d_in = a.shape
+    d_out = delta.shape[2]
+    sq = torch.empty(n, dtype=dtype, device=a.device)
+    dot = torch.zeros_like(sq)
+    grad = None if weight_grad is None else weight_grad.to(dtype)
+    # Rows come in whole groups (row r uses weight_grad[r % groups]), so chunks start at a group edge.
+    per_row = 2 * t * t + d_out * t if ghost else d_out * d_in
+    step = max(groups, (max(1, CHUNK_ELEMENTS // max(1, per_row)) // groups) * groups)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        x = a[rows].to(dtype)
+        d = delta[rows].to(dtype)
+        if ghost:
+            if t == 1:
+                sq[rows] = x.square().sum(dim=(1, 2)) * d.square().sum(dim=(1, 2))
+            else:
+                sq[rows] = ((x @ x.transpose(1, 2)) * (d @ d.transpose(1, 2))).sum(dim=(1, 2))
+            if grad is not None:
+                # <g, G> = <delta, a G^T>; einsum makes it one GEMM per group over all (row, position).
+                projected = torch.einsum("rgti,goi->rgto", x.reshape(-1, groups, t, d_in), grad)
+                dot[rows] = (d * projected.reshape(-1, t, d_out)).sum(dim=(1, 2))
+        else:
+            g = (d.transpose(1, 2) @ x).reshape(-1, groups, d_out * d_in)
+            sq[rows] = torch.linalg.vector_norm(g, dim=2).square().view(-1)
+            if grad is not None:
+                dot[rows] = (g * grad.view(groups, -1)).sum(dim=2).view(-1)
+    return sq, dot
