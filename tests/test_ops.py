@@ -1,0 +1,213 @@
+"""Every op on every backend this machine has, against the float64 torch implementation.
+
+Tolerance (DESIGN.md, chain of truth): a backend's error against the float64 reference may be at
+most 2x the error of the float32 ``torch`` backend plus a small per-dtype allowance. On CPU machines
+the Triton kernels run under TRITON_INTERPRET=1 (conftest.py) on the same small shapes; tests marked
+``gpu`` run the CUDA device when one is present.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import fastdal.backends as backends
+from fastdal import ops, torch_ops
+
+from conftest import relative_error
+
+ALLOWANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
+
+
+def _backend_cases() -> list:
+    """(device, backend) pairs: every backend that can run here on CPU tensors, and every CUDA-serving
+    backend on CUDA tensors, marked ``gpu`` and skipped without a GPU."""
+    report = backends.available()
+    cases = [pytest.param("cpu", n, id=f"cpu-{n}") for n in ("torch", "cpp", "triton") if report[n] is None]
+    no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+    cases += [
+        pytest.param("cuda", n, id=f"cuda-{n}", marks=[pytest.mark.gpu, no_gpu]) for n in ("torch", "cuda", "triton")
+    ]
+    return cases
+
+
+BACKEND_CASES = _backend_cases()
+DEVICES = [
+    pytest.param("cpu", id="cpu"),
+    pytest.param(
+        "cuda", id="cuda", marks=[pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="no GPU")]
+    ),
+]
+
+
+def _close(result, expected, float32_torch, dtype):
+    """result within 2x the float32 torch backend's error of the float64 expectation, plus allowance."""
+    for got, want, baseline in zip(result, expected, float32_torch):
+        if not got.is_floating_point():
+            assert torch.equal(got.cpu(), want.cpu())
+            continue
+        error = relative_error(got, want)
+        bound = (2 * relative_error(baseline, want) if dtype == torch.float32 else 0.0) + ALLOWANCE[dtype]
+        assert error <= bound, (error, bound)
+
+
+# --------------------------------------------------------------------------------------------------
+# last_layer_score
+# --------------------------------------------------------------------------------------------------
+
+# (N, D, K): one row, two classes, odd widths, K not a power of two, and a K that needs streaming.
+LAST_SHAPES = [(1, 7, 2), (9, 129, 10), (5, 33, 1001), (3, 16, 50000)]
+
+
+def _last_inputs(n, d, k, dtype, device, *, bias=True, weight_grad=True, bias_grad=True):
+    h = torch.randn(n, d, dtype=torch.float64)
+    w = torch.randn(k, d, dtype=torch.float64) / d**0.5 * 3
+    inputs = [
+        h,
+        w,
+        torch.randn(k, dtype=torch.float64) if bias else None,
+        torch.randn(k, d, dtype=torch.float64) if weight_grad else None,
+        torch.randn(k, dtype=torch.float64) if bias_grad else None,
+    ]
+    return [None if t is None else t.to(device=device, dtype=dtype) for t in inputs]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("n, d, k", LAST_SHAPES)
+@pytest.mark.parametrize("device, backend", BACKEND_CASES)
+def test_last_layer_score(device, backend, n, d, k, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels serve float32")
+    inputs = _last_inputs(n, d, k, dtype, device)
+    expected = torch_ops.last_layer_score(*[None if t is None else t.double() for t in inputs], 2.0)
+    baseline = torch_ops.last_layer_score(*[None if t is None else t.float() for t in inputs], 2.0)
+    result = ops.last_layer_score(*inputs, gamma=2.0, backend=backend)
+    assert [t.dtype for t in result[:3]] == [torch.float64 if dtype == torch.float64 else torch.float32] * 3
+    assert result.pseudo_label.dtype == torch.long and result.score.shape == (n,)
+    _close(result, expected, baseline, dtype)
+
+
+@pytest.mark.parametrize(
+    "present", [(False, True, True), (True, True, False), (True, False, True)], ids=["no-bias", "no-G_b", "no-G_W"]
+)
+@pytest.mark.parametrize("device, backend", BACKEND_CASES)
+def test_last_layer_score_optional_parameters(device, backend, present):
+    bias, bias_grad, weight_grad = present[0], present[1], present[2]
+    inputs = _last_inputs(7, 13, 11, torch.float32, device, bias=bias, weight_grad=weight_grad, bias_grad=bias_grad)
+    expected = torch_ops.last_layer_score(*[None if t is None else t.double() for t in inputs], 0.5)
+    result = ops.last_layer_score(*inputs, gamma=0.5, backend=backend)
+    _close(result, expected, torch_ops.last_layer_score(*inputs, 0.5), torch.float32)
+
+
+@pytest.mark.parametrize("device, backend", BACKEND_CASES)
+def test_last_layer_score_confident_rows_keep_precision(device, backend):
+    """||e||^2 of a row whose softmax is nearly one-hot is tiny; it must not cancel to noise."""
+    h, w, b, gw, gb = _last_inputs(4, 8, 300, torch.float32, device)
+    w = w * 40  # logits far apart: p_yhat within 1e-6 of 1
+    expected = torch_ops.last_layer_score(h.double(), w.double(), b.double(), gw.double(), gb.double(), 2.0)
+    assert expected.sq_norm.max() < 1e-3
+    result = ops.last_layer_score(h, w, b, gw, gb, gamma=2.0, backend=backend)
+    assert relative_error(result.sq_norm, expected.sq_norm) < 1e-4
+
+
+@pytest.mark.parametrize("device, backend", BACKEND_CASES)
+def test_last_layer_score_non_finite_rows_are_nan(device, backend):
+    h, w, b, gw, gb = _last_inputs(5, 6, 9, torch.float32, device)
+    h[1, 0] = float("inf")
+    h[3, 2] = float("nan")
+    result = ops.last_layer_score(h, w, b, gw, gb, gamma=2.0, backend=backend)
+    bad = torch.tensor([False, True, False, True, False])
+    assert torch.isnan(result.score.cpu()[bad]).all() and torch.isfinite(result.score.cpu()[~bad]).all()
+
+
+# --------------------------------------------------------------------------------------------------
+# linear_sample_score
+# --------------------------------------------------------------------------------------------------
+
+# (N, T, d_in, d_out, groups): one row, one position, T=49 (a 7x7 map), groups, wide layers.
+LINEAR_SHAPES = [(1, 1, 7, 3, 1), (6, 49, 9, 5, 3), (4, 49, 129, 17, 1), (3, 1, 129, 1001, 1), (2, 7, 1, 1, 2)]
+
+
+def _linear_inputs(n, t, d_in, d_out, groups, dtype, device, *, transposed=False):
+    if transposed:  # as unfold gives them: (N, d, T) storage seen as (N, T, d)
+        a = torch.randn(n, d_in, t, dtype=torch.float64).transpose(1, 2)
+        delta = torch.randn(n, d_out, t, dtype=torch.float64).transpose(1, 2)
+    else:
+        a = torch.randn(n, t, d_in, dtype=torch.float64)
+        delta = torch.randn(n, t, d_out, dtype=torch.float64)
+    grad = torch.randn(groups, d_out, d_in, dtype=torch.float64)
+    return a.to(device=device, dtype=dtype), delta.to(device=device, dtype=dtype), grad.to(device=device, dtype=dtype)
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "unfold-layout"])
+@pytest.mark.parametrize("ghost", [False, True], ids=["direct", "ghost"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("n, t, d_in, d_out, groups", LINEAR_SHAPES)
+@pytest.mark.parametrize("device, backend", BACKEND_CASES)
+def test_linear_sample_score(device, backend, n, t, d_in, d_out, groups, dtype, ghost, transposed):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels serve float32")
+    a, delta, grad = _linear_inputs(n, t, d_in, d_out, groups, dtype, device, transposed=transposed)
+    expected = torch_ops.linear_sample_score(a.double(), delta.double(), grad.double(), groups, ghost)
+    baseline = torch_ops.linear_sample_score(a.float(), delta.float(), grad.float(), groups, ghost)
+    result = ops.linear_sample_score(a, delta, grad, groups=groups, ghost=ghost, backend=backend)
+    assert all(r.dtype == (torch.float64 if dtype == torch.float64 else torch.float32) for r in result)
+    _close(result, expected, baseline, dtype)
+
+
+@pytest.mark.parametrize("ghost", [False, True], ids=["direct", "ghost"])
+@pytest.mark.parametrize("device, backend", BACKEND_CASES)
+def test_linear_sample_score_without_weight_grad(device, backend, ghost):
+    a, delta, _ = _linear_inputs(5, 9, 6, 4, 1, torch.float32, device)
+    sq, dot = ops.linear_sample_score(a, delta, None, ghost=ghost, backend=backend)
+    expected, _ = torch_ops.linear_sample_score(a.double(), delta.double(), None, 1, ghost)
+    assert relative_error(sq, expected) < 1e-5
+    assert torch.equal(dot.cpu(), torch.zeros(5))
+
+
+def test_direct_and_ghost_agree_with_materialized_gradients():
+    """The torch backend itself, against per-sample gradients formed explicitly in float64."""
+    a, delta, grad = _linear_inputs(6, 11, 5, 4, 2, torch.float64, "cpu")
+    g = delta.transpose(1, 2) @ a  # (N, d_out, d_in)
+    expected_sq = g.square().sum(dim=(1, 2))
+    expected_dot = (g * grad.repeat(3, 1, 1)).sum(dim=(1, 2))
+    for ghost in (False, True):
+        sq, dot = torch_ops.linear_sample_score(a, delta, grad, 2, ghost)
+        assert relative_error(sq, expected_sq) < 1e-12 and relative_error(dot, expected_dot) < 1e-12
+
+
+def test_last_layer_torch_backend_against_autograd():
+    """The torch backend itself, against the gradient of the cross-entropy at the pseudo label."""
+    h, w, b, gw, gb = _last_inputs(7, 5, 6, torch.float64, "cpu")
+    result = torch_ops.last_layer_score(h, w, b, gw, gb, 2.0)
+    for i in range(7):
+        wi, bi = w.clone().requires_grad_(), b.clone().requires_grad_()
+        z = h[i] @ wi.T + bi
+        torch.nn.functional.cross_entropy(z[None], z.argmax()[None]).backward()
+        sq = wi.grad.square().sum() + bi.grad.square().sum()
+        dot = (wi.grad * gw).sum() + (bi.grad * gb).sum()
+        assert torch.allclose(result.sq_norm[i], sq) and torch.allclose(result.dot[i], dot)
+
+
+# --------------------------------------------------------------------------------------------------
+# Registration of the compiled ops
+# --------------------------------------------------------------------------------------------------
+
+needs_extension = pytest.mark.skipif(backends.available()["cpp"] is not None, reason="fastdal._C is not built")
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_last_layer_score(device):
+    for bias in (True, False):
+        inputs = _last_inputs(5, 9, 7, torch.float32, device, bias=bias)
+        torch.library.opcheck(torch.ops.fastdal.last_layer_score.default, (*inputs, 2.0))
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_linear_sample_score(device):
+    for ghost in (False, True):
+        a, delta, grad = _linear_inputs(4, 5, 3, 2, 2, torch.float32, device)
+        torch.library.opcheck(torch.ops.fastdal.linear_sample_score.default, (a, delta, grad, 2, ghost))
+        torch.library.opcheck(torch.ops.fastdal.linear_sample_score.default, (a, delta, None, 2, ghost))
