@@ -1,19 +1,22 @@
 # The two set-up commands of the README: `make demo` and `make test`. Each installs what it needs.
 PYTHON ?= python3
 
-.PHONY: deps install test demo bench lint
+.PHONY: deps install test demo bench cmake lint
 
 # torch 2.13.0 (CPU) is installed only where no torch is present, so that a CUDA build already on a
-# GPU machine is used as it is. The other packages do not depend on torch.
+# GPU machine is used as it is; likewise triton (3.7.1 pairs with torch 2.13). The other packages do
+# not depend on torch.
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
+	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install triton==3.7.1
 	@$(PYTHON) -c "import numpy, tqdm, sklearn, pytest, pytest_benchmark" 2>/dev/null || \
 		$(PYTHON) -m pip install numpy tqdm scikit-learn pytest pytest-benchmark
 
 install: deps
 	$(PYTHON) -m pip install -e . --no-build-isolation --no-deps
 
-test: deps
+# Builds fastdal._C in place, so that the tests exercise the compiled backends.
+test: install
 	$(PYTHON) -m pytest -q
 
 demo: deps
@@ -22,6 +25,10 @@ demo: deps
 bench: deps
 	$(PYTHON) bench/bench_norm_choice.py
 	$(PYTHON) bench/bench_score.py
+
+cmake: deps
+	cmake -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake --build build/cmake
 
 lint:
 	$(PYTHON) -m ruff check fastdal kernels bench tests
