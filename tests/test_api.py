@@ -9,6 +9,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 import fastdal
 import fastdal.api
+import fastdal.ops
 import fastdal.passes
 
 from conftest import relative_error
@@ -154,3 +155,28 @@ def test_labeled_grad_last_is_closed_form_and_exact(monkeypatch):
     g = fastdal.labeled_grad(model, labeled, layers="last")
     for name in g.names:
         assert relative_error(g[name], expected[name]) < 1e-4
+
+
+def test_fastdal_backend_environment_variable(monkeypatch):
+    model, make_inputs, classes = build("mlp", torch.float32)
+    labeled, pool = loaders(make_inputs, classes, torch.float32)
+    g = fastdal.labeled_grad(model, labeled, layers="all")
+    monkeypatch.setenv("FASTDAL_BACKEND", "reference")
+    via_env = fastdal.score(model, pool, g)
+    assert torch.equal(via_env, fastdal.reference.score(model, pool, g, dtype=torch.float64).float())
+    assert relative_error(fastdal.score(model, pool, g, backend="torch"), via_env) < 1e-4  # an explicit name wins
+    monkeypatch.setenv("FASTDAL_BACKEND", "fastest")
+    with pytest.raises(ValueError, match="the FASTDAL_BACKEND environment variable must be one of"):
+        fastdal.score(model, pool, g)
+    monkeypatch.setenv("FASTDAL_BACKEND", "reference")
+    with pytest.raises(ValueError, match="the reference backend computes fastdal.score only"):
+        fastdal.ops.linear_sample_score(torch.randn(2, 3, 4), torch.randn(2, 3, 5))
+
+
+def test_forced_backend_lists_why_it_cannot_serve():
+    h = torch.randn(3, 4, dtype=torch.float16)
+    w = torch.randn(5, 4, dtype=torch.float16)
+    with pytest.raises(ValueError, match="backend 'cpp' cannot run last_layer_score on these tensors: .*float16"):
+        fastdal.ops.last_layer_score(h, w, None, w, None, backend="cpp")
+    result = fastdal.ops.last_layer_score(h, w, None, w, None)  # auto falls back to torch
+    assert result.score.dtype == torch.float32
