@@ -153,8 +153,7 @@ def last_layer_labeled_grad(h: Tensor, logits: Tensor, labels: Tensor, dtype: to
     Returns:
         ``G_W (K, D)`` and ``G_b (K,)`` in ``dtype``.
     """
-    e = torch.softmax(logits.to(dtype), dim=1)
-    e[torch.arange(e.shape[0], device=e.device), labels] -= 1
+    e = torch_ops.residual(logits, labels, dtype)
     return e.T @ h.to(dtype), e.sum(dim=0)
 
 

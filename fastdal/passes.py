@@ -19,6 +19,7 @@ from . import generic, layers
 from .batches import check_finite, check_labels, read_logits
 from .capture import Call, Plan, Recorder, Target, module_kind, reachable_parameters
 from .ops import last_layer_score
+from .torch_ops import residual
 
 # The first batch may reveal that the plan needs changing (a module never called, or called on a
 # tensor without a sample dimension); each change hands parameters one level up and re-runs the batch.
@@ -36,13 +37,6 @@ class BatchTerms(NamedTuple):
     sq_norm: Tensor
     dot: Tensor
     pseudo_label: Tensor
-
-
-def residual(logits: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
-    """``softmax(z) - onehot(y)``: the gradient of the summed cross-entropy with respect to the logits."""
-    e = torch.softmax(logits.detach().to(dtype), dim=1)
-    e[torch.arange(e.shape[0], device=e.device), labels] -= 1
-    return e
 
 
 def check_batchnorm_statistics(model: nn.Module) -> None:

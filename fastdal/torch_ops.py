@@ -47,6 +47,19 @@ def use_ghost_norm(positions: int, d_in: int, d_out: int) -> bool:
     return positions * positions * (d_in + d_out) < MATERIALIZE_COST * d_in * d_out
 
 
+def residual(logits: Tensor, labels: Tensor, dtype: torch.dtype) -> Tensor:
+    """``e = softmax(z) - onehot(y)``: the gradient of the cross-entropy at ``y`` with respect to ``z``.
+
+    ``e_y`` is formed as ``-sum_{k != y} p_k`` rather than ``p_y - 1``: for a confident row ``p_y`` is
+    within a few ulps of 1 and the subtraction would keep only rounding noise of the tiny ``e_y``.
+    """
+    p = torch.softmax(logits.detach().to(dtype), dim=1)
+    rows = torch.arange(p.shape[0], device=p.device)
+    p[rows, labels] = 0
+    p[rows, labels] = -p.sum(dim=1)
+    return p
+
+
 def accumulation_dtype(t: Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
@@ -74,8 +87,7 @@ def last_layer_score(
         x = h[rows].to(dtype)
         z = torch.nn.functional.linear(x, w, b)
         pseudo[rows] = z.argmax(dim=1)
-        e = torch.softmax(z, dim=1)
-        e[torch.arange(e.shape[0], device=e.device), pseudo[rows]] -= 1
+        e = residual(z, pseudo[rows], dtype)
         scale = torch.zeros(x.shape[0], dtype=dtype, device=h.device)
         c = torch.zeros_like(z)
         if gw is not None:

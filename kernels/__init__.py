@@ -1,5 +1,5 @@
 """Triton kernels of fastdal, one op per file, installed as ``fastdal.kernels``.
 
-None yet: every op currently runs on the ``torch`` backend (fastdal/backends.py says which
-backends exist and why the others cannot run).
+``last_layer_score`` and ``linear_sample_score``, each imported by fastdal/ops.py only when the
+``triton`` backend runs it (fastdal/backends.py says when that is).
 """

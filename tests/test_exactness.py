@@ -117,3 +117,23 @@ def test_low_precision_model_accumulates_in_float32(name, dtype, layers):
     # (bf16 keeps 8 bits of mantissa, fp16 11; the backward pass runs in that precision)
     tolerance = {torch.bfloat16: 0.15, torch.float16: 0.05}[dtype]
     assert relative_error(result.sq_norm[same_label], expected.sq_norm[same_label]) < tolerance
+
+
+NATIVE_BACKENDS = [
+    pytest.param(name, id=name) for name in ("cpp", "triton") if fastdal.backends.available()[name] is None
+]
+
+
+@pytest.mark.parametrize("layers", ["last", "all"])
+@pytest.mark.parametrize("name", [*MODELS, "reused", "seq_first"])
+@pytest.mark.parametrize("backend", NATIVE_BACKENDS)
+def test_native_backends_match_reference(backend, name, layers):
+    """fastdal.score on the cpp and triton backends (Triton's interpreter without a GPU), float32 models."""
+    model, make_inputs, classes = build(name, torch.float32)
+    labeled, pool = loaders(make_inputs, classes, torch.float32)
+    g = fastdal.reference.labeled_grad(model, labeled, layers=layers, dtype=torch.float64)
+    expected = fastdal.reference.score(model, pool, g, dtype=torch.float64, return_components=True)
+    result = fastdal.score(model, pool, g, backend=backend, return_components=True)
+    assert torch.equal(result.pseudo_label, expected.pseudo_label)
+    for field in ("score", "sq_norm", "dot"):
+        assert relative_error(getattr(result, field), getattr(expected, field)) < TOLERANCE[torch.float32], field

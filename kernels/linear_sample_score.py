@@ -1,0 +1,231 @@
+"""Triton kernels of ``linear_sample_score``: per-sample ``||g||^2`` and ``<g, G>`` of a weight used at T positions.
+
+Row ``r`` has ``a[r]: (T, d_in)`` and ``delta[r]: (T, d_out)``; its weight gradient is
+``g_r = delta[r]^T a[r]: (d_out, d_in)``, compared with ``G = weight_grad[r % groups]``:
+``sq_norm_r = ||g_r||^2`` and ``dot_r = <g_r, G>``. Neither ``g_r`` nor a ``T x T`` matrix is ever
+stored; each program reduces the tile it computes to one partial sum per output, and the partials
+of a row (a handful per row, in a small ``(N, programs per row)`` buffer) are summed afterwards, which
+keeps the result deterministic, unlike atomics.
+
+* direct: a program per (row, d_out tile, d_in tile) accumulates its ``g`` tile with ``tl.dot`` over
+  tiles of T and reduces it into ``||tile||^2`` and ``<tile, G tile>``.
+* ghost: ``||g||^2 = sum_{t,s} (a_t . a_s)(delta_t . delta_s)``. A program per (row, T tile i) loops
+  over the T tiles ``j >= i`` (the sum is symmetric, so off-diagonal tile pairs count twice), builds
+  the two Gram tiles with ``tl.dot`` over tiles of d_in and d_out and sums their elementwise product.
+  ``<g, G> = sum_t delta_t . (G a_t)``: a program per (row, T tile, d_out tile) forms ``a G^T`` for its
+  tile with ``tl.dot`` over tiles of d_in and reduces it against the matching ``delta`` tile.
+
+``a`` and ``delta`` are read through their strides (the unfolded input of a convolution is a
+transposed view), and every tile is padded to the 16 that ``tl.dot`` needs with masked loads, so
+T, d_in or d_out of 1 work.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+
+@triton.jit
+def _direct_kernel(
+    a_ptr,
+    d_ptr,
+    g_ptr,
+    sq_part_ptr,
+    dot_part_ptr,
+    T,
+    D_IN,
+    D_OUT,
+    GROUPS,
+    sa_n,
+    sa_t,
+    sa_i,
+    sd_n,
+    sd_t,
+    sd_o,
+    HAS_G: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
+    i = tl.program_id(2) * BLOCK_I + tl.arange(0, BLOCK_I)
+    o_ok, i_ok = o < D_OUT, i < D_IN
+    a_row = a_ptr + row * sa_n
+    d_row = d_ptr + row * sd_n
+
+    g = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
+    for t0 in range(0, T, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        t_ok = t < T
+        d_tile = tl.load(d_row + t[None, :] * sd_t + o[:, None] * sd_o, mask=t_ok[None, :] & o_ok[:, None], other=0.0)
+        a_tile = tl.load(a_row + t[:, None] * sa_t + i[None, :] * sa_i, mask=t_ok[:, None] & i_ok[None, :], other=0.0)
+        g += tl.dot(d_tile, a_tile, input_precision="ieee")
+
+    part = row * (tl.num_programs(1) * tl.num_programs(2)) + tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+    tl.store(sq_part_ptr + part, tl.sum(g * g))
+    if HAS_G:
+        grad = g_ptr + (row % GROUPS) * D_OUT * D_IN
+        ref = tl.load(grad + o[:, None] * D_IN + i[None, :], mask=o_ok[:, None] & i_ok[None, :], other=0.0)
+        tl.store(dot_part_ptr + part, tl.sum(g * ref))
+
+
+@triton.jit
+def _ghost_sq_kernel(
+    a_ptr,
+    d_ptr,
+    sq_part_ptr,
+    T,
+    D_IN,
+    D_OUT,
+    sa_n,
+    sa_t,
+    sa_i,
+    sd_n,
+    sd_t,
+    sd_o,
+    BLOCK_T: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    first = tl.program_id(1) * BLOCK_T
+    a_row = a_ptr + row * sa_n
+    d_row = d_ptr + row * sd_n
+    t = first + tl.arange(0, BLOCK_T)
+    t_ok = t < T
+
+    total = tl.zeros((BLOCK_T,), dtype=tl.float32)
+    for s0 in range(first, T, BLOCK_T):
+        s = s0 + tl.arange(0, BLOCK_T)
+        s_ok = s < T
+        gram_a = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+        for i0 in range(0, D_IN, BLOCK_I):
+            i = i0 + tl.arange(0, BLOCK_I)
+            i_ok = i < D_IN
+            a_t = tl.load(a_row + t[:, None] * sa_t + i[None, :] * sa_i, mask=t_ok[:, None] & i_ok[None, :], other=0.0)
+            a_s = tl.load(a_row + s[None, :] * sa_t + i[:, None] * sa_i, mask=s_ok[None, :] & i_ok[:, None], other=0.0)
+            gram_a += tl.dot(a_t, a_s, input_precision="ieee")
+        gram_d = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+        for o0 in range(0, D_OUT, BLOCK_O):
+            o = o0 + tl.arange(0, BLOCK_O)
+            o_ok = o < D_OUT
+            d_t = tl.load(d_row + t[:, None] * sd_t + o[None, :] * sd_o, mask=t_ok[:, None] & o_ok[None, :], other=0.0)
+            d_s = tl.load(d_row + s[None, :] * sd_t + o[:, None] * sd_o, mask=s_ok[None, :] & o_ok[:, None], other=0.0)
+            gram_d += tl.dot(d_t, d_s, input_precision="ieee")
+        # The (i, j) and (j, i) tile pairs are equal; only j >= i is visited.
+        weight = tl.where(s0 == first, 1.0, 2.0)
+        total += weight * tl.sum(gram_a * gram_d, axis=1)
+
+    tl.store(sq_part_ptr + row * tl.num_programs(1) + tl.program_id(1), tl.sum(total))
+
+
+@triton.jit
+def _ghost_dot_kernel(
+    a_ptr,
+    d_ptr,
+    g_ptr,
+    dot_part_ptr,
+    T,
+    D_IN,
+    D_OUT,
+    GROUPS,
+    sa_n,
+    sa_t,
+    sa_i,
+    sd_n,
+    sd_t,
+    sd_o,
+    BLOCK_T: tl.constexpr,
+    BLOCK_O: tl.constexpr,
+    BLOCK_I: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
+    t_ok, o_ok = t < T, o < D_OUT
+    a_row = a_ptr + row * sa_n
+    grad = g_ptr + (row % GROUPS) * D_OUT * D_IN
+
+    projected = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)  # the (t, o) tile of a G^T
+    for i0 in range(0, D_IN, BLOCK_I):
+        i = i0 + tl.arange(0, BLOCK_I)
+        i_ok = i < D_IN
+        a_tile = tl.load(a_row + t[:, None] * sa_t + i[None, :] * sa_i, mask=t_ok[:, None] & i_ok[None, :], other=0.0)
+        g_tile = tl.load(grad + o[None, :] * D_IN + i[:, None], mask=o_ok[None, :] & i_ok[:, None], other=0.0)
+        projected += tl.dot(a_tile, g_tile, input_precision="ieee")
+    d_tile = tl.load(
+        d_ptr + row * sd_n + t[:, None] * sd_t + o[None, :] * sd_o, mask=t_ok[:, None] & o_ok[None, :], other=0.0
+    )
+
+    part = row * (tl.num_programs(1) * tl.num_programs(2)) + tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
+    tl.store(dot_part_ptr + part, tl.sum(projected * d_tile))
+
+
+def linear_sample_score(
+    a: Tensor, delta: Tensor, weight_grad: Tensor | None, groups: int, ghost: bool
+) -> tuple[Tensor, Tensor]:
+    """Per-sample ``||g||^2`` and ``<g, G>`` of ``g_r = delta[r]^T a[r]`` (math in the module docstring).
+
+    Args:
+        a: (N, T, d_in), any strides. delta: (N, T, d_out), any strides.
+        weight_grad: (groups, d_out, d_in) contiguous, or None (then ``dot`` is zero).
+        groups: row ``r`` is compared with ``weight_grad[r % groups]``.
+        ghost: Gram-matrix (ghost) norm if True, tile-by-tile direct norm otherwise.
+        All tensors float32 on one device (CUDA, or CPU under TRITON_INTERPRET=1).
+
+    Returns:
+        ``sq_norm, dot``, each (N,) float32.
+    """
+    n, t, d_in = a.shape
+    d_out = delta.shape[2]
+    if n == 0 or t == 0 or d_in == 0 or d_out == 0:
+        zeros = torch.zeros(n, dtype=torch.float32, device=a.device)
+        return zeros, zeros.clone()
+    # tl.dot needs every block dim >= 16; beyond 64 the fp32 accumulator tiles would spill on a GPU.
+    block_t, block_o, block_i = (min(64, max(16, triton.next_power_of_2(x))) for x in (t, d_out, d_in))
+    strides = (*a.stride(), *delta.stride())
+    blocks = {"BLOCK_T": block_t, "BLOCK_O": block_o, "BLOCK_I": block_i}
+    n_t, n_o, n_i = triton.cdiv(t, block_t), triton.cdiv(d_out, block_o), triton.cdiv(d_in, block_i)
+    dot = None
+    with _on(a.device):
+        if not ghost:
+            sq_part = torch.empty(n, n_o * n_i, dtype=torch.float32, device=a.device)
+            dot_part = torch.empty_like(sq_part) if weight_grad is not None else sq_part
+            _direct_kernel[(n, n_o, n_i)](
+                a,
+                delta,
+                weight_grad if weight_grad is not None else a,  # unread placeholder without HAS_G
+                sq_part,
+                dot_part,
+                t,
+                d_in,
+                d_out,
+                groups,
+                *strides,
+                HAS_G=weight_grad is not None,
+                **blocks,
+            )
+            if weight_grad is not None:
+                dot = dot_part.sum(dim=1)
+        else:
+            sq_part = torch.empty(n, n_t, dtype=torch.float32, device=a.device)
+            _ghost_sq_kernel[(n, n_t)](a, delta, sq_part, t, d_in, d_out, *strides, **blocks)
+            if weight_grad is not None:
+                dot_part = torch.empty(n, n_t * n_o, dtype=torch.float32, device=a.device)
+                _ghost_dot_kernel[(n, n_t, n_o)](
+                    a, delta, weight_grad, dot_part, t, d_in, d_out, groups, *strides, **blocks
+                )
+                dot = dot_part.sum(dim=1)
+    sq = sq_part.sum(dim=1)
+    return sq, dot if dot is not None else torch.zeros_like(sq)
+
+
+def _on(device: torch.device) -> contextlib.AbstractContextManager:
+    """Launch on the tensors' GPU rather than the current one (a no-op for the interpreter's CPU tensors)."""
+    return torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
