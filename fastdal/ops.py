@@ -63,6 +63,8 @@ def last_layer_score(
     if not isinstance(weight, Tensor) or weight.dim() != 2 or weight.shape[1] != d:
         raise ValueError(f"weight must be (K, {d}) to match h, got {_shape(weight)}")
     k = weight.shape[0]
+    if k < 1:
+        raise ValueError("weight must have at least one row (one class), got K=0")
     _check_optional("bias", bias, (k,))
     _check_optional("weight_grad", weight_grad, (k, d))
     _check_optional("bias_grad", bias_grad, (k,))

@@ -110,8 +110,10 @@ def linear_sample_score(
     dtype = accumulation_dtype(a)
     n, t, d_in = a.shape
     d_out = delta.shape[2]
-    sq = torch.empty(n, dtype=dtype, device=a.device)
+    sq = torch.zeros(n, dtype=dtype, device=a.device)
     dot = torch.zeros_like(sq)
+    if sq.numel() == 0 or t == 0:
+        return sq, dot  # no positions: the gradient is zero
     grad = None if weight_grad is None else weight_grad.to(dtype)
     # Rows come in whole groups (row r uses weight_grad[r % groups]), so chunks start at a group edge.
     per_row = 2 * t * t + d_out * t if ghost else d_out * d_in
