@@ -144,7 +144,7 @@ def conv_terms(target, calls, grads, batch_size, dtype, backend="auto"):
         positions = sum(d[0].numel() // m.out_channels for _, d in pairs)
         w_grad = grads.get("weight")
         ghost = use_ghost_norm(positions, d_in, d_out)
-        if not ghost and backends.choose("linear_sample_score", backend, [pairs[0][0]]) == backends.TORCH:
+        if not ghost and _per_sample_conv_backward(backend, pairs[0][0]):
             s, d = _conv_direct_terms(m, pairs, w_grad, batch_size, dtype)
         else:
             s, d = _unfolded_conv_terms(m, pairs, w_grad, batch_size, ghost, backend)
@@ -153,6 +153,19 @@ def conv_terms(target, calls, grads, batch_size, dtype, backend="auto"):
         s, d = _bias_terms([dd.reshape(batch_size, m.out_channels, -1).sum(-1) for _, dd in pairs], grads.get("bias"))
         sq, dot = sq + s, dot + d
     return sq, dot
+
+
+def _per_sample_conv_backward(backend: str, x: Tensor) -> bool:
+    """Whether a direct conv norm uses PyTorch's convolution backward per sample (no unfold).
+
+    On CPU the unfold alone costs more than the convolution, so this beats any backend's
+    ``linear_sample_score`` on unfolded inputs (the vanilla CNN's whole-model score is slower with the
+    cpp op), and "auto" takes it there; a native backend named explicitly gets the unfolded input.
+    """
+    requested = backends.requested(backend)
+    if requested == backends.AUTO:
+        return x.device.type == "cpu" or backends.choose("linear_sample_score", backend, [x]) == backends.TORCH
+    return requested == backends.TORCH
 
 
 def _unfolded_conv_terms(m, pairs, grad: Tensor | None, batch_size: int, ghost: bool, backend: str):
