@@ -27,7 +27,8 @@ bench: deps
 	$(PYTHON) bench/bench_score.py
 
 cmake: deps
-	cmake -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')"
+	cmake -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
+		-DFASTDAL_PYTHON="$$($(PYTHON) -c 'import sys; print(sys.executable)')"
 	cmake --build build/cmake
 
 lint:
