@@ -25,4 +25,14 @@ TORCH_LIBRARY(fastdal, m) {
   m.def(
       "linear_sample_score(Tensor a, Tensor delta, Tensor? weight_grad, int groups, bool ghost) "
       "-> (Tensor sq_norm, Tensor dot)");
+  // Per row n of a (N, T, d_in) and delta (N, T, d_out), with p_in (r_in, d_in) and
+  // p_out (groups, r_out, d_out): out[n] = sum_t (p_out[n % groups] delta[n, t]) (p_in a[n, t])^T,
+  // an (r_out, r_in) projection of the row's weight gradient delta[n]^T a[n], never formed.
+  m.def("kron_project(Tensor a, Tensor delta, Tensor p_in, Tensor p_out) -> Tensor");
+  // k-means++ distance update over factored rows g_i = left_i (x) [right_i, sqrt(offset)]:
+  // out_i = min(min_dist_i, max(0, sq_norm_i + sq_norm_c - 2 (left_i . left_c)(right_i . right_c + offset)))
+  // with c = center.
+  m.def(
+      "factored_min_distance(Tensor left, Tensor right, float offset, Tensor sq_norm, int center, "
+      "Tensor min_dist) -> Tensor");
 }

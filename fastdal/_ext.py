@@ -55,3 +55,11 @@ def _register_fakes() -> None:
     def _(a, delta, weight_grad, groups, ghost):
         n = a.shape[0]
         return a.new_empty(n, dtype=accumulation(a)), a.new_empty(n, dtype=accumulation(a))
+
+    @torch.library.register_fake("fastdal::kron_project")
+    def _(a, delta, p_in, p_out):
+        return a.new_empty(a.shape[0], p_out.shape[1], p_in.shape[0], dtype=accumulation(a))
+
+    @torch.library.register_fake("fastdal::factored_min_distance")
+    def _(left, right, offset, sq_norm, center, min_dist):
+        return min_dist.new_empty(min_dist.shape)

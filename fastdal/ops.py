@@ -144,6 +144,99 @@ def linear_sample_score(
     return tuple(torch.ops.fastdal.linear_sample_score(a, delta, _contiguous(weight_grad), groups, bool(ghost)))
 
 
+def kron_project(a: Tensor, delta: Tensor, p_in: Tensor, p_out: Tensor, *, backend: str = "auto") -> Tensor:
+    """Per-row random projection ``P_out g P_in^T`` of a weight gradient ``g = delta^T a``, never forming ``g``.
+
+    Row ``r`` has inputs ``a[r]: (T, d_in)`` and output gradients ``delta[r]: (T, d_out)``; its
+    projected gradient is ``sum_t (P_out delta_t)(P_in a_t)^T: (r_out, r_in)`` with
+    ``P_in = p_in`` and ``P_out = p_out[r % groups]`` (rows come in groups as in
+    :func:`linear_sample_score`). Costs ``T (d_in r_in + d_out r_out + r_in r_out)`` per row instead of
+    the ``T d_in d_out`` of forming ``g``.
+
+    Args:
+        a: (N, T, d_in). delta: (N, T, d_out). p_in: (r_in, d_in). p_out: (groups, r_out, d_out),
+        groups dividing N. All of one floating dtype. backend: "auto", "torch", "cpp", "cuda", "triton".
+
+    Returns:
+        (N, r_out, r_in), float64 for float64 inputs and float32 otherwise.
+    """
+    if not isinstance(a, Tensor) or a.dim() != 3 or not a.is_floating_point():
+        raise ValueError(f"a must be a floating-point (N, T, d_in) tensor, got {_shape(a)}")
+    n, t, d_in = a.shape
+    if not isinstance(delta, Tensor) or delta.dim() != 3 or delta.shape[:2] != (n, t):
+        raise ValueError(f"delta must be ({n}, {t}, d_out) to match a, got {_shape(delta)}")
+    d_out = delta.shape[2]
+    if not isinstance(p_in, Tensor) or p_in.dim() != 2 or p_in.shape[1] != d_in:
+        raise ValueError(f"p_in must be (r_in, {d_in}) to match a, got {_shape(p_in)}")
+    if not isinstance(p_out, Tensor) or p_out.dim() != 3 or p_out.shape[2] != d_out:
+        raise ValueError(f"p_out must be (groups, r_out, {d_out}) to match delta, got {_shape(p_out)}")
+    groups = p_out.shape[0]
+    if groups < 1 or n % groups:
+        raise ValueError(f"p_out's first dimension (groups) must divide N={n}, got {groups}")
+    tensors = [a, delta, p_in, p_out]
+    if len({x.dtype for x in tensors}) > 1:
+        raise ValueError(f"a, delta, p_in and p_out must share a dtype, got {[str(x.dtype) for x in tensors]}")
+    _same_device(tensors)
+    name = backends.choose("kron_project", backend, tensors)
+    if name == backends.TORCH:
+        return torch_ops.kron_project(a, delta, p_in, p_out)
+    if name == backends.TRITON:
+        kernel = importlib.import_module("fastdal.kernels.kron_project")
+        return kernel.kron_project(a, delta, p_in.contiguous(), p_out.contiguous())
+    return torch.ops.fastdal.kron_project(a, delta, p_in.contiguous(), p_out.contiguous())
+
+
+def factored_min_distance(
+    left: Tensor,
+    right: Tensor,
+    offset: float,
+    sq_norm: Tensor,
+    center: int,
+    min_dist: Tensor,
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """One k-means++ distance update over factored gradients, without forming them.
+
+    Row ``i`` stands for ``g_i = left_i (x) [right_i, sqrt(offset)]`` (a last-layer gradient: ``left``
+    the softmax residual ``e``, ``right`` the head input ``h``, ``offset`` 1 with a bias and 0
+    without), so ``<g_i, g_c> = (left_i . left_c)(right_i . right_c + offset)``. Returns
+    ``min(min_dist_i, ||g_i - g_c||^2)`` with ``||g_i - g_c||^2 = sq_norm_i + sq_norm_c - 2 <g_i, g_c>``
+    clamped at zero (rounding may make it slightly negative), for the centre ``c = center``.
+
+    Args:
+        left: (N, K). right: (N, D). offset: a finite number. sq_norm: (N,) ``||g_i||^2``.
+        center: a row index. min_dist: (N,) current squared distances to the nearest centre.
+        All tensors of one floating dtype. backend: "auto", "torch", "cpp", "cuda", "triton".
+
+    Returns:
+        (N,) updated squared distances, in the inputs' dtype.
+    """
+    if not isinstance(left, Tensor) or left.dim() != 2 or not left.is_floating_point():
+        raise ValueError(f"left must be a floating-point (N, K) tensor, got {_shape(left)}")
+    n = left.shape[0]
+    if not isinstance(right, Tensor) or right.dim() != 2 or right.shape[0] != n:
+        raise ValueError(f"right must be ({n}, D) to match left, got {_shape(right)}")
+    for name, t in (("sq_norm", sq_norm), ("min_dist", min_dist)):
+        if not isinstance(t, Tensor) or tuple(t.shape) != (n,):
+            raise ValueError(f"{name} must be a tensor of shape ({n},), got {_shape(t)}")
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ValueError(f"offset must be a finite number, got {offset!r}")
+    if isinstance(center, bool) or not isinstance(center, int) or not 0 <= center < n:
+        raise ValueError(f"center must be a row index in [0, {n}), got {center!r}")
+    tensors = [left, right, sq_norm, min_dist]
+    if len({x.dtype for x in tensors}) > 1:
+        raise ValueError(f"left, right, sq_norm and min_dist must share a dtype, got {[str(x.dtype) for x in tensors]}")
+    _same_device(tensors)
+    name = backends.choose("factored_min_distance", backend, tensors)
+    if name == backends.TORCH:
+        return torch_ops.factored_min_distance(left, right, float(offset), sq_norm, center, min_dist)
+    args = (left.contiguous(), right.contiguous(), float(offset), sq_norm.contiguous(), center, min_dist.contiguous())
+    if name == backends.TRITON:
+        return importlib.import_module("fastdal.kernels.factored_min_distance").factored_min_distance(*args)
+    return torch.ops.fastdal.factored_min_distance(*args)
+
+
 def last_layer_labeled_grad(h: Tensor, logits: Tensor, labels: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Closed-form summed gradient of a final ``nn.Linear`` at the true labels; no backward pass.
 

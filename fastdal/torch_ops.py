@@ -137,3 +137,34 @@ def linear_sample_score(
             if grad is not None:
                 dot[rows] = (g * grad.view(groups, -1)).sum(dim=2).view(-1)
     return sq, dot
+
+
+@torch.no_grad()
+def kron_project(a: Tensor, delta: Tensor, p_in: Tensor, p_out: Tensor) -> Tensor:
+    dtype = accumulation_dtype(a)
+    n, t, _ = a.shape
+    groups, r_out, _ = p_out.shape
+    r_in = p_in.shape[0]
+    out = torch.zeros(n, r_out, r_in, dtype=dtype, device=a.device)
+    if n == 0 or t == 0:
+        return out
+    pi, po = p_in.to(dtype), p_out.to(dtype)
+    # Rows come in whole groups (row r uses p_out[r % groups]), so chunks start at a group edge.
+    per_row = t * (r_in + r_out) + r_in * r_out
+    step = max(groups, (max(1, CHUNK_ELEMENTS // per_row) // groups) * groups)
+    for start in range(0, n, step):
+        rows = slice(start, min(start + step, n))
+        projected_in = a[rows].to(dtype) @ pi.T  # (b, T, r_in)
+        d = delta[rows].to(dtype).reshape(-1, groups, t, delta.shape[2])
+        projected_out = torch.einsum("bgto,gro->bgtr", d, po).reshape(-1, t, r_out)
+        out[rows] = projected_out.transpose(1, 2) @ projected_in
+    return out
+
+
+@torch.no_grad()
+def factored_min_distance(
+    left: Tensor, right: Tensor, offset: float, sq_norm: Tensor, center: int, min_dist: Tensor
+) -> Tensor:
+    inner = (left @ left[center]) * (right @ right[center] + offset)
+    distance = (sq_norm + sq_norm[center] - 2 * inner).clamp_min_(0)
+    return torch.minimum(min_dist, distance)

@@ -193,6 +193,92 @@ def test_last_layer_torch_backend_against_autograd():
 
 
 # --------------------------------------------------------------------------------------------------
+# kron_project
+# --------------------------------------------------------------------------------------------------
+
+# (N, T, d_in, d_out, groups, r_in, r_out): one row and position, a 7x7 map, groups, wide layers,
+# ranks above and below the widths.
+KRON_SHAPES = [
+    (1, 1, 7, 3, 1, 4, 2),
+    (6, 49, 9, 5, 3, 8, 5),
+    (4, 49, 129, 17, 1, 16, 16),
+    (3, 1, 129, 1001, 1, 32, 24),
+    (2, 7, 1, 1, 2, 1, 1),
+]
+
+
+def _kron_inputs(n, t, d_in, d_out, groups, r_in, r_out, dtype, device, transposed=False):
+    a, delta, _ = _linear_inputs(n, t, d_in, d_out, groups, dtype, device, transposed=transposed)
+    p_in = torch.randn(r_in, d_in, dtype=torch.float64).to(device=device, dtype=dtype)
+    p_out = torch.randn(groups, r_out, d_out, dtype=torch.float64).to(device=device, dtype=dtype)
+    return a, delta, p_in, p_out
+
+
+@pytest.mark.parametrize("transposed", [False, True], ids=["contiguous", "unfold-layout"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("shape", KRON_SHAPES, ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("device, backend", BACKEND_CASES)
+def test_kron_project(device, backend, shape, dtype, transposed):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels serve float32")
+    inputs = _kron_inputs(*shape, dtype, device, transposed=transposed)
+    expected = torch_ops.kron_project(*(t.double() for t in inputs))
+    baseline = torch_ops.kron_project(*(t.float() for t in inputs))
+    result = ops.kron_project(*inputs, backend=backend)
+    assert result.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
+    _close([result], [expected], [baseline], dtype)
+
+
+def test_kron_project_torch_backend_against_materialized_gradients():
+    """The torch backend itself: P_out (delta^T a) P_in^T with the gradient formed explicitly."""
+    a, delta, p_in, p_out = _kron_inputs(6, 11, 5, 4, 2, 3, 3, torch.float64, "cpu")
+    g = delta.transpose(1, 2) @ a
+    expected = p_out.repeat(3, 1, 1) @ g @ p_in.T
+    assert relative_error(torch_ops.kron_project(a, delta, p_in, p_out), expected) < 1e-12
+
+
+# --------------------------------------------------------------------------------------------------
+# factored_min_distance
+# --------------------------------------------------------------------------------------------------
+
+
+def _distance_inputs(n, k, d, offset, dtype, device):
+    left = torch.randn(n, k, dtype=torch.float64)
+    right = torch.randn(n, d, dtype=torch.float64)
+    sq_norm = left.square().sum(1) * (right.square().sum(1) + offset)
+    min_dist = torch.rand(n, dtype=torch.float64) * sq_norm.max() * 2
+    return [t.to(device=device, dtype=dtype) for t in (left, right, sq_norm, min_dist)]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("n, k, d", [(2, 2, 1), (37, 10, 129), (300, 1001, 64)])
+@pytest.mark.parametrize("device, backend", BACKEND_CASES)
+def test_factored_min_distance(device, backend, n, k, d, dtype):
+    if backend == "triton" and dtype == torch.float64:
+        pytest.skip("the Triton kernels serve float32")
+    for center, offset in ((0, 1.0), (n - 1, 0.0), (n // 2, 1.0)):
+        left, right, sq_norm, min_dist = _distance_inputs(n, k, d, offset, dtype, device)
+        expected = torch_ops.factored_min_distance(
+            left.double(), right.double(), offset, sq_norm.double(), center, min_dist.double()
+        )
+        baseline = torch_ops.factored_min_distance(
+            left.float(), right.float(), offset, sq_norm.float(), center, min_dist.float()
+        )
+        result = ops.factored_min_distance(left, right, offset, sq_norm, center, min_dist, backend=backend)
+        assert result.dtype == dtype and result.shape == (n,)
+        _close([result], [expected], [baseline], dtype)
+
+
+def test_factored_min_distance_torch_backend_against_materialized_gradients():
+    left, right, _, _ = _distance_inputs(9, 4, 3, 1.0, torch.float64, "cpu")
+    g = (left[:, :, None] * torch.cat([right, torch.ones(9, 1, dtype=torch.float64)], 1)[:, None]).flatten(1)
+    sq_norm = g.square().sum(1)
+    min_dist = torch.full((9,), float("inf"), dtype=torch.float64)
+    result = torch_ops.factored_min_distance(left, right, 1.0, sq_norm, 4, min_dist)
+    assert relative_error(result, (g - g[4]).square().sum(1)) < 1e-12
+
+
+# --------------------------------------------------------------------------------------------------
 # Registration of the compiled ops
 # --------------------------------------------------------------------------------------------------
 
@@ -214,3 +300,17 @@ def test_opcheck_linear_sample_score(device):
         a, delta, grad = _linear_inputs(4, 5, 3, 2, 2, torch.float32, device)
         torch.library.opcheck(torch.ops.fastdal.linear_sample_score.default, (a, delta, grad, 2, ghost))
         torch.library.opcheck(torch.ops.fastdal.linear_sample_score.default, (a, delta, None, 2, ghost))
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_kron_project(device):
+    inputs = _kron_inputs(4, 5, 3, 2, 2, 3, 2, torch.float32, device)
+    torch.library.opcheck(torch.ops.fastdal.kron_project.default, inputs)
+
+
+@needs_extension
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_factored_min_distance(device):
+    left, right, sq_norm, min_dist = _distance_inputs(6, 3, 4, 1.0, torch.float32, device)
+    torch.library.opcheck(torch.ops.fastdal.factored_min_distance.default, (left, right, 1.0, sq_norm, 2, min_dist))
