@@ -275,25 +275,61 @@ def _check_embeddings(model: nn.Module, names: list[str]) -> None:
             )
 
 
-def select(scores: Tensor | ScoreResult, b: int) -> Tensor:
-    """Indices of the ``b`` highest scores, highest first; ties go to the lower index.
+def select(
+    scores: Tensor | ScoreResult | Any,
+    b: int,
+    *,
+    method: str = "topk",
+    labeled_grad: LabeledGrad | Mapping[str, Tensor] | None = None,
+    gamma: float = 2.0,
+    seed: int = 0,
+    block_size: int = 1,
+    backend: str = "auto",
+) -> Tensor:
+    """Indices of the ``b`` pool samples to query.
+
+    Args:
+        scores: per-sample scores (a tensor or a :class:`ScoreResult`) for "topk", or a
+            :class:`fastdal.GradFeatures` of the pool for any method.
+        b: how many to choose.
+        method: "topk" (the paper's query: highest scores first, ties to the lower index), "badge"
+            (k-means++ seeding over the gradient features) or "greedy" (the paper's subset objective,
+            maximized exactly one sample, or ``block_size`` samples, at a time).
+        labeled_grad: ``G``, needed with features for "topk" (scores ``sq_norm + gamma dot``) and "greedy".
+        gamma: weight of the inner-product term when "topk" scores features.
+        seed: random draws of "badge".
+        block_size: samples per update of "greedy".
+        backend: op backend for "badge"'s distance updates.
 
     Raises:
-        ValueError: if ``b`` is not in ``[0, len(scores)]`` or a score is NaN.
+        ValueError: if ``b`` is not in ``[0, pool size]``, a score is NaN, or the method lacks an input.
     """
+    from . import selection
+    from .features import GradFeatures
+
+    if method not in ("topk", "badge", "greedy"):
+        raise ValueError(f"method must be 'topk', 'badge' or 'greedy', got {method!r}")
+    if isinstance(scores, GradFeatures):
+        features = scores
+        if method == "badge":
+            return selection.badge(features, b, seed=seed, backend=backend)
+        if labeled_grad is None:
+            raise ValueError(f"method={method!r} on GradFeatures needs labeled_grad= (G)")
+        if method == "greedy":
+            return selection.greedy(features, labeled_grad, b, block_size=block_size).indices
+        scores = features.score(labeled_grad, _check_gamma(gamma)).cpu()
+    elif method != "topk":
+        raise ValueError(f"method={method!r} needs the pool's fastdal.GradFeatures (fastdal.features), not scores")
     if isinstance(scores, ScoreResult):
         scores = scores.score
     scores = torch.as_tensor(scores)
     if scores.dim() != 1:
         raise ValueError(f"scores must be one-dimensional, got shape {tuple(scores.shape)}")
-    if isinstance(b, bool) or not isinstance(b, numbers.Integral):
-        raise TypeError(f"b must be an integer, got {type(b).__name__}")
-    if not 0 <= b <= scores.shape[0]:
-        raise ValueError(f"b must be between 0 and the pool size {scores.shape[0]}, got {b}")
+    b = selection.check_budget(b, scores.shape[0])
     if scores.is_floating_point() and torch.isnan(scores).any():
         raise ValueError(f"scores contain NaN at index {int(torch.isnan(scores).nonzero()[0, 0])}")
     order = torch.sort(scores, descending=True, stable=True).indices
-    return order[: int(b)]
+    return order[:b]
 
 
 def query(

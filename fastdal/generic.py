@@ -87,6 +87,21 @@ def _per_sample_gradients(
     return {name: torch.stack([r[name] for r in rows]) for name in params}
 
 
+def per_sample_gradients(
+    target: Target, calls: list[Call], samples: slice, batch_size: int
+) -> dict[str, Tensor] | None:
+    """Per-sample gradients ``{local name: (b, *shape)}`` of the samples in ``samples``, summed over
+    calls; None when no call's output got a gradient."""
+    module = target.module
+    params = {local: module.get_parameter(local).detach() for local in target.params}
+    total: dict[str, Tensor] | None = None
+    with torch.no_grad():
+        for call in calls:
+            g = _per_sample_gradients(module, params, call, samples, batch_size)
+            total = g if total is None else {k: total[k] + g[k] for k in total}
+    return total
+
+
 def generic_terms(
     target: Target,
     calls: list[Call],
@@ -96,22 +111,14 @@ def generic_terms(
     backend: str = "auto",
 ) -> tuple[Tensor, Tensor]:
     """``||g||^2`` and ``<g, G>`` over ``target.params``, summing each sample's gradient over calls."""
-    module = target.module
-    params = {local: module.get_parameter(local).detach() for local in target.params}
-    size = sum(p.numel() for p in params.values())
-    device = next(iter(params.values())).device
-    sq = torch.zeros(batch_size, dtype=dtype, device=device)
+    params = [target.module.get_parameter(local) for local in target.params]
+    size = sum(p.numel() for p in params)
+    sq = torch.zeros(batch_size, dtype=dtype, device=params[0].device)
     dot = torch.zeros_like(sq)
-    with torch.no_grad():
-        for samples in chunks(batch_size, size):
-            total: dict[str, Tensor] | None = None
-            for call in calls:
-                g = _per_sample_gradients(module, params, call, samples, batch_size)
-                total = g if total is None else {k: total[k] + g[k] for k in total}
-            if total is None:
-                continue
-            for local, g in total.items():
-                s, d = sq_and_dot(g.to(dtype), grads[local])
-                sq[samples] += s
-                dot[samples] += d
+    for samples in chunks(batch_size, size):
+        total = per_sample_gradients(target, calls, samples, batch_size)
+        for local, g in (total or {}).items():
+            s, d = sq_and_dot(g.to(dtype), grads[local])
+            sq[samples] += s
+            dot[samples] += d
     return sq, dot

@@ -234,80 +234,79 @@ def _conv_direct_terms(m, pairs, grad: Tensor | None, batch_size: int, dtype: to
     return torch.stack(sq), torch.stack(dot)
 
 
-def _affine_terms(target, pairs, normalize: Callable[[Tensor], Tensor], reduce_dims, grads, batch_size, dtype):
-    """Norm layers: weight gradient ``sum_t delta_t * xhat_t``, bias gradient ``sum_t delta_t``."""
-    w_sum = b_sum = None
+def _affine_sums(target, pairs, normalize: Callable[[Tensor], Tensor], reduce_dims) -> dict[str, Tensor]:
+    """Norm layers' per-sample gradients: weight ``sum_t delta_t * xhat_t``, bias ``sum_t delta_t``."""
+    sums: dict[str, Tensor] = {}
     for a, delta in pairs:
+        parts = {}
         if "weight" in target.params:
-            part = (delta * normalize(a)).sum(dim=reduce_dims(a))
-            w_sum = part if w_sum is None else w_sum + part
+            parts["weight"] = (delta * normalize(a)).sum(dim=reduce_dims(a))
         if "bias" in target.params:
-            part = delta.sum(dim=reduce_dims(a))
-            b_sum = part if b_sum is None else b_sum + part
-    sq = torch.zeros(batch_size, dtype=dtype, device=next(target.module.parameters()).device)
-    dot = torch.zeros_like(sq)
-    for total, name in ((w_sum, "weight"), (b_sum, "bias")):
-        if total is not None:
-            s, d = sq_and_dot(total, grads.get(name))
-            sq, dot = sq + s, dot + d
-    return sq, dot
+            parts["bias"] = delta.sum(dim=reduce_dims(a))
+        for name, part in parts.items():
+            sums[name] = part if name not in sums else sums[name] + part
+    return sums
 
 
-def batchnorm_terms(target, calls, grads, batch_size, dtype, backend="auto"):
-    m: nn.modules.batchnorm._BatchNorm = target.module
+def norm_per_sample(target: Target, calls: list[Call], batch_size: int, dtype: torch.dtype) -> dict[str, Tensor]:
+    """Per-sample gradients ``{local name: (B, *shape)}`` of a BatchNorm, LayerNorm, RMSNorm or GroupNorm.
 
-    def normalize(a: Tensor) -> Tensor:
-        shape = (1, -1) + (1,) * (a.dim() - 2)
-        mean = m.running_mean.to(dtype).view(shape)
-        inv_std = torch.rsqrt(m.running_var.to(dtype) + m.eps).view(shape)
-        return (a - mean) * inv_std
-
-    pairs = _inputs_and_deltas(target, calls, batch_size, dtype)
-    return _affine_terms(target, pairs, normalize, lambda a: tuple(range(2, a.dim())), grads, batch_size, dtype)
-
-
-def layernorm_terms(target, calls, grads, batch_size, dtype, backend="auto"):
+    These parameters are vectors of the channel (or normalized-shape) size, so holding them per
+    sample costs no more than the layer's output.
+    """
     m = target.module
+    pairs = _inputs_and_deltas(target, calls, batch_size, dtype)
+    if target.kind == "batchnorm":
+
+        def normalize(a: Tensor) -> Tensor:
+            shape = (1, -1) + (1,) * (a.dim() - 2)
+            mean = m.running_mean.to(dtype).view(shape)
+            inv_std = torch.rsqrt(m.running_var.to(dtype) + m.eps).view(shape)
+            return (a - mean) * inv_std
+
+        return _affine_sums(target, pairs, normalize, lambda a: tuple(range(2, a.dim())))
+    if target.kind == "groupnorm":
+
+        def normalize(a: Tensor) -> Tensor:
+            x = a.reshape(a.shape[0], m.num_groups, -1)
+            var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
+            return ((x - mean) * torch.rsqrt(var + m.eps)).view_as(a)
+
+        return _affine_sums(target, pairs, normalize, lambda a: tuple(range(2, a.dim())))
     n = len(m.normalized_shape)
-    rms = target.kind == "rmsnorm"
+    data_dtype = data_input(calls[0]).dtype if calls else dtype
 
     def normalize(a: Tensor) -> Tensor:
         dims = tuple(range(a.dim() - n, a.dim()))
-        if rms:
+        if target.kind == "rmsnorm":
             eps = m.eps if m.eps is not None else torch.finfo(data_dtype).eps
             return a * torch.rsqrt(a.square().mean(dim=dims, keepdim=True) + eps)
         var, mean = torch.var_mean(a, dim=dims, unbiased=False, keepdim=True)
         return (a - mean) * torch.rsqrt(var + m.eps)
 
-    data_dtype = data_input(calls[0]).dtype if calls else dtype
-    pairs = _inputs_and_deltas(target, calls, batch_size, dtype)
-    return _affine_terms(target, pairs, normalize, lambda a: tuple(range(1, a.dim() - n)), grads, batch_size, dtype)
+    return _affine_sums(target, pairs, normalize, lambda a: tuple(range(1, a.dim() - n)))
 
 
-def groupnorm_terms(target, calls, grads, batch_size, dtype, backend="auto"):
-    m: nn.GroupNorm = target.module
-
-    def normalize(a: Tensor) -> Tensor:
-        x = a.reshape(a.shape[0], m.num_groups, -1)
-        var, mean = torch.var_mean(x, dim=-1, unbiased=False, keepdim=True)
-        return ((x - mean) * torch.rsqrt(var + m.eps)).view_as(a)
-
-    pairs = _inputs_and_deltas(target, calls, batch_size, dtype)
-    return _affine_terms(target, pairs, normalize, lambda a: tuple(range(2, a.dim())), grads, batch_size, dtype)
+def norm_terms(target, calls, grads, batch_size, dtype, backend="auto"):
+    sq = torch.zeros(batch_size, dtype=dtype, device=next(target.module.parameters()).device)
+    dot = torch.zeros_like(sq)
+    for name, per_sample in norm_per_sample(target, calls, batch_size, dtype).items():
+        s, d = sq_and_dot(per_sample, grads.get(name))
+        sq, dot = sq + s, dot + d
+    return sq, dot
 
 
-def embedding_terms(target, calls, grads, batch_size, dtype, backend="auto"):
-    """Rows of a sample's gradient are its output gradients summed over positions with the same id.
+def embedding_rows(target, calls, batch_size, dtype) -> tuple[Tensor, Tensor, Tensor] | None:
+    """A sample's Embedding gradient, as rows: ``(owner, ids, rows)`` with ``rows[k]`` the gradient row
+    of embedding ``ids[k]`` for sample ``owner[k]``, one per distinct (sample, id); None without calls.
 
-    ``||g||^2 = sum_{t,s} [i_t = i_s] delta_t . delta_s`` is computed by summing rows per distinct
-    (sample, id) pair, which is linear in the number of positions.
+    Each row is the sample's output gradients summed over the positions holding that id, which is
+    linear in the number of positions.
     """
     m: nn.Embedding = target.module
     pairs = _inputs_and_deltas(target, calls, batch_size, dtype)
-    sq = torch.zeros(batch_size, dtype=dtype, device=m.weight.device)
-    dot = torch.zeros_like(sq)
-    if not pairs or "weight" not in target.params:
-        return sq, dot
+    if not pairs:
+        return None
     ids = torch.cat([i.reshape(batch_size, -1) for i, _ in pairs], 1)
     delta = torch.cat([d.reshape(batch_size, -1, m.embedding_dim) for _, d in pairs], 1)
     sample = torch.arange(batch_size, device=ids.device)[:, None].expand_as(ids)
@@ -318,20 +317,31 @@ def embedding_terms(target, calls, grads, batch_size, dtype, backend="auto"):
     if m.scale_grad_by_freq:
         # PyTorch divides each row by the id's count in the batch, which for one sample is this count.
         rows /= torch.bincount(slot, minlength=keys.shape[0]).to(dtype)[:, None]
-    owner = keys // m.num_embeddings
+    return keys // m.num_embeddings, keys % m.num_embeddings, rows
+
+
+def embedding_terms(target, calls, grads, batch_size, dtype, backend="auto"):
+    """``||g||^2 = sum_{t,s} [i_t = i_s] delta_t . delta_s``, from the rows of :func:`embedding_rows`."""
+    m: nn.Embedding = target.module
+    sq = torch.zeros(batch_size, dtype=dtype, device=m.weight.device)
+    dot = torch.zeros_like(sq)
+    found = embedding_rows(target, calls, batch_size, dtype) if "weight" in target.params else None
+    if found is None:
+        return sq, dot
+    owner, ids, rows = found
     sq.index_add_(0, owner, rows.square().sum(1))
     grad = grads.get("weight")
     if grad is not None:
-        dot.index_add_(0, owner, (rows * grad[keys % m.num_embeddings]).sum(1))
+        dot.index_add_(0, owner, (rows * grad[ids]).sum(1))
     return sq, dot
 
 
 CLOSED_FORM = {
     "linear": linear_terms,
     "conv": conv_terms,
-    "batchnorm": batchnorm_terms,
-    "layernorm": layernorm_terms,
-    "rmsnorm": layernorm_terms,
-    "groupnorm": groupnorm_terms,
+    "batchnorm": norm_terms,
+    "layernorm": norm_terms,
+    "rmsnorm": norm_terms,
+    "groupnorm": norm_terms,
     "embedding": embedding_terms,
 }

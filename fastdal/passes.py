@@ -112,6 +112,29 @@ class BackwardPass:
         return BatchTerms(*(torch.cat(column) for column in zip(*parts)))
 
     def _run(self, args: tuple, kwargs: dict, outputs: Callable | None, first_index: int) -> BatchTerms:
+        calls, logits, pseudo = self.capture(args, kwargs, outputs, first_index)
+        batch_size = logits.shape[0]
+        sq = torch.zeros(batch_size, dtype=self.dtype, device=logits.device)
+        dot = torch.zeros_like(sq)
+        # The recorded inputs are part of the forward's graph: no result may keep it alive.
+        with torch.no_grad():
+            for target, record in calls.items():
+                if not record:
+                    continue  # not called in this batch: its parameters got no gradient
+                local_grads = {local: self.grads[full] for local, full in target.params.items()}
+                terms = generic.generic_terms if target.kind == "generic" else layers.CLOSED_FORM[target.kind]
+                s, d = terms(target, record, local_grads, batch_size, self.dtype, backend=self.backend)
+                sq += s
+                dot += d
+        return BatchTerms(sq, dot, pseudo.detach())
+
+    def capture(
+        self, args: tuple, kwargs: dict, outputs: Callable | None, first_index: int, labels: Tensor | None = None
+    ) -> tuple[dict[Target, list[Call]], Tensor, Tensor]:
+        """One forward and one backward of the cross-entropy at ``labels`` (default: the pseudo labels).
+
+        Returns every target's recorded calls, their ``deltas`` filled, the logits and the labels used.
+        """
         for _ in range(_MAX_REFINEMENTS):
             targets = list(self.plan.targets.values())
             calls, _, logits = forward_recorded(self.model, targets, args, kwargs, outputs, grad=True)
@@ -120,21 +143,14 @@ class BackwardPass:
         else:
             raise RuntimeError(f"fastdal: could not settle which modules to read ({self.plan.describe()})")
         self._warn_generic()
-        check_finite(logits, first_index, "pool")
-        batch_size = logits.shape[0]
-        pseudo = logits.argmax(dim=1)
-        self._backward(calls, logits, residual(logits, pseudo, self.dtype))
-        sq = torch.zeros(batch_size, dtype=self.dtype, device=logits.device)
-        dot = torch.zeros_like(sq)
-        for target, record in calls.items():
-            if not record:
-                continue  # not called in this batch: its parameters got no gradient
-            local_grads = {local: self.grads[full] for local, full in target.params.items()}
-            terms = generic.generic_terms if target.kind == "generic" else layers.CLOSED_FORM[target.kind]
-            s, d = terms(target, record, local_grads, batch_size, self.dtype, backend=self.backend)
-            sq += s
-            dot += d
-        return BatchTerms(sq, dot, pseudo)
+        if labels is None:
+            check_finite(logits, first_index, "pool")
+            labels = logits.argmax(dim=1)
+        else:
+            check_labels(labels, logits.shape[0], logits.shape[1], first_index)
+            check_finite(logits, first_index, "labeled")
+        self._backward(calls, logits, residual(logits, labels, self.dtype))
+        return calls, logits, labels
 
     def _refine(self, calls: dict[Target, list[Call]], logits: Tensor) -> bool:
         """Adjust the plan to what this batch showed; True if the batch must run again."""

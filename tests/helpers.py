@@ -48,3 +48,22 @@ def assert_same_state(before: dict, after: dict) -> None:
             assert now[0] == grad[0] and torch.equal(now[1], grad[1]), name
     for name, value in before["values"].items():
         assert torch.equal(after["values"][name], value), name
+
+
+def materialized_gradients(model: nn.Module, x: torch.Tensor, names: list[str], labels=None) -> torch.Tensor:
+    """(N, P) per-sample cross-entropy gradients over ``names``, one autograd call per sample (at the
+    pseudo label unless ``labels`` are given): the plain construction that features are checked against."""
+    params = dict(model.named_parameters())
+    rows = []
+    for i in range(x.shape[0]):
+        logits = model(x[i : i + 1])
+        y = logits.argmax(1) if labels is None else labels[i : i + 1]
+        grads = torch.autograd.grad(torch.nn.functional.cross_entropy(logits, y), [params[n] for n in names])
+        rows.append(torch.cat([g.reshape(-1) for g in grads]))
+    return torch.stack(rows).detach()
+
+
+def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Spearman rank correlation (no ties expected among continuous scores)."""
+    ranks = [torch.argsort(torch.argsort(t.double())).double() for t in (a, b)]
+    return float(torch.corrcoef(torch.stack(ranks))[0, 1])

@@ -27,6 +27,7 @@ def _check(name, dtype, layers, batch_size=5):
     result = fastdal.score(model, pool, expected_g, return_components=True)
     assert result.score.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
     assert result.score.shape == (13,)
+    assert not any(t.requires_grad for t in result), "results must not hold on to the model's graph"
     assert torch.equal(result.pseudo_label, expected.pseudo_label)
     for field in ("score", "sq_norm", "dot"):
         err = relative_error(getattr(result, field), getattr(expected, field))
