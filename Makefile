@@ -9,8 +9,8 @@ PYTHON ?= python3
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install triton==3.7.1
-	@$(PYTHON) -c "import numpy, tqdm, sklearn, pytest, pytest_benchmark" 2>/dev/null || \
-		$(PYTHON) -m pip install numpy tqdm scikit-learn pytest pytest-benchmark
+	@$(PYTHON) -c "import numpy, tqdm, sklearn, pytest, pytest_benchmark, matplotlib, mlxtend" 2>/dev/null || \
+		$(PYTHON) -m pip install numpy tqdm scikit-learn pytest pytest-benchmark matplotlib mlxtend
 
 install: deps
 	$(PYTHON) -m pip install -e . --no-build-isolation --no-deps
@@ -19,8 +19,11 @@ install: deps
 test: install
 	$(PYTHON) -m pytest -q
 
+# The demo ends with a short active-learning run (2 strategies, 2 seeds, 3 rounds on digits).
 demo: deps
 	$(PYTHON) -m fastdal demo
+	$(PYTHON) -m fastdal.al run --datasets digits --model mlp --strategies random dynamic-g2 --seeds 2 --rounds 3 \
+		--out results/al-demo
 
 bench: deps
 	$(PYTHON) bench/bench_norm_choice.py

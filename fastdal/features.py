@@ -52,6 +52,10 @@ def _apply(p: Tensor | None, x: Tensor) -> Tensor:
     return x if p is None else x @ p.to(x).T
 
 
+def _sq_rows(x: Tensor) -> Tensor:
+    return torch.linalg.vector_norm(x, dim=1).square()
+
+
 @dataclass
 class FactoredBlock:
     """The head's exact gradient ``left_i (x) [right_i, sqrt(offset)]`` per sample."""
@@ -66,7 +70,8 @@ class FactoredBlock:
         return 1.0 if self.bias is not None else 0.0
 
     def sq_norm(self) -> Tensor:
-        return self.left.square().sum(1) * (self.right.square().sum(1) + self.offset)
+        # vector_norm reduces without an N x K temporary.
+        return _sq_rows(self.left) * (_sq_rows(self.right) + self.offset)
 
     def inner(self, rows: Tensor | slice, other: Tensor | slice) -> Tensor:
         return (self.left[rows] @ self.left[other].T) * (self.right[rows] @ self.right[other].T + self.offset)
@@ -99,7 +104,7 @@ class ProjectedBlock:
     project: Callable[[Mapping[str, Tensor]], Tensor] = field(repr=False)
 
     def sq_norm(self) -> Tensor:
-        return self.values.square().sum(1)
+        return _sq_rows(self.values)
 
     def inner(self, rows: Tensor | slice, other: Tensor | slice) -> Tensor:
         return self.values[rows] @ self.values[other].T

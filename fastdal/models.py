@@ -1,7 +1,9 @@
 """Reference architectures of the paper, used by the demo, the benchmarks and the active-learning loop.
 
 ``VanillaCNN`` is the paper's "vanilla CNN": three 3x3 convolutions at full resolution, global average
-pooling and a linear head. ``resnet18`` is the CIFAR-style ResNet-18 (3x3 stem, no max-pool).
+pooling and a linear head. ``resnet18`` is the CIFAR-style ResNet-18 (3x3 stem, no max-pool);
+``small_resnet`` and ``SmallVGG`` are narrow versions of the paper's ResNet and VGG for small images,
+and ``MLP`` a two-hidden-layer perceptron; all take ``(B, C, H, W)`` images.
 """
 
 from __future__ import annotations
@@ -69,3 +71,40 @@ class ResNet(nn.Module):
 
 def resnet18(in_channels: int = 3, num_classes: int = 10) -> ResNet:
     return ResNet((2, 2, 2, 2), in_channels, num_classes)
+
+
+def small_resnet(in_channels: int = 1, num_classes: int = 10) -> ResNet:
+    """A ResNet with one basic block per stage and three stages of width 16, 32, 64."""
+    return ResNet((1, 1, 1), in_channels, num_classes, width=16)
+
+
+class SmallVGG(nn.Module):
+    """VGG-style: pairs of 3x3 convolutions with BatchNorm and ReLU, max-pooling between pairs."""
+
+    def __init__(self, in_channels: int = 1, num_classes: int = 10, widths: tuple[int, ...] = (16, 32, 64)):
+        super().__init__()
+        layers: list[nn.Module] = []
+        c_in = in_channels
+        for i, c in enumerate(widths):
+            if i:
+                layers.append(nn.MaxPool2d(2))
+            for _ in range(2):
+                layers += [nn.Conv2d(c_in, c, 3, padding=1, bias=False), nn.BatchNorm2d(c), nn.ReLU(inplace=True)]
+                c_in = c
+        self.features = nn.Sequential(*layers)
+        self.fc = nn.Linear(c_in, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(F.adaptive_avg_pool2d(self.features(x), 1).flatten(1))
+
+
+class MLP(nn.Module):
+    def __init__(self, in_features: int, num_classes: int = 10, hidden: int = 128):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Flatten(), nn.Linear(in_features, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU()
+        )
+        self.fc = nn.Linear(hidden, num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.fc(self.net(x))

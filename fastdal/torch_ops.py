@@ -155,7 +155,7 @@ def kron_project(a: Tensor, delta: Tensor, p_in: Tensor, p_out: Tensor) -> Tenso
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
         projected_in = a[rows].to(dtype) @ pi.T  # (b, T, r_in)
-        d = delta[rows].to(dtype).reshape(-1, groups, t, delta.shape[2])
+        d = delta[rows].to(dtype).reshape(projected_in.shape[0] // groups, groups, t, delta.shape[2])
         projected_out = torch.einsum("bgto,gro->bgtr", d, po).reshape(-1, t, r_out)
         out[rows] = projected_out.transpose(1, 2) @ projected_in
     return out

@@ -1,0 +1,61 @@
+"""Command line of the active-learning loop.
+
+    python -m fastdal.al run --datasets digits mnist5k --strategies random dynamic-g2 --seeds 3
+    python -m fastdal.al experiments        # every experiment of docs/experiments.md
+
+``run`` writes ``rounds.csv`` (one row per run and round), ``table.md`` (mean +- std test accuracy per
+round) and ``curves-<dataset>-<model>.png`` into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from . import grid
+from .data import LOADERS
+from .loop import LoopConfig
+from .strategies import STRATEGIES
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="python -m fastdal.al", description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    run = commands.add_parser("run", help="a grid of datasets x strategies x seeds")
+    run.add_argument("--datasets", nargs="+", default=["digits"], choices=sorted(LOADERS))
+    run.add_argument("--model", default="cnn", choices=grid.MODELS)
+    run.add_argument("--strategies", nargs="+", default=["all"], help=f"'all' or some of {list(STRATEGIES)}")
+    run.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
+    run.add_argument("--initial", type=int, default=20)
+    run.add_argument("--b", type=int, default=20)
+    run.add_argument("--rounds", type=int, default=5)
+    run.add_argument("--max-epochs", type=int, default=200)
+    run.add_argument("--reinit", action="store_true", help="re-initialize the model every round")
+    run.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU count)")
+    run.add_argument("--out", type=Path, default=Path("results/al"))
+    experiments = commands.add_parser("experiments", help="regenerate docs/experiments.md and its figures")
+    experiments.add_argument("--jobs", type=int, default=None)
+    args = parser.parse_args(argv)
+
+    if args.command == "experiments":
+        from . import experiments as experiments_module
+
+        experiments_module.main(jobs=args.jobs)
+        return
+    strategies = list(STRATEGIES) if args.strategies == ["all"] else args.strategies
+    unknown = [s for s in strategies if s not in STRATEGIES]
+    if unknown:
+        parser.error(f"unknown strategies {unknown}; known: {list(STRATEGIES)}")
+    config = LoopConfig(
+        initial=args.initial, b=args.b, rounds=args.rounds, max_epochs=args.max_epochs, reinit=args.reinit
+    )
+    rows = grid.run_grid(grid.tasks(args.datasets, args.model, strategies, range(args.seeds), config), args.jobs)
+    grid.write_csv(rows, args.out / "rounds.csv")
+    (args.out / "table.md").write_text(grid.markdown(rows))
+    pictures = grid.plot(rows, args.out)
+    print(grid.markdown(rows))
+    print(f"written: {args.out / 'rounds.csv'}, {args.out / 'table.md'}, " + ", ".join(str(p) for p in pictures))
+
+
+if __name__ == "__main__":
+    main()

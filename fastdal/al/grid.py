@@ -1,0 +1,174 @@
+"""Runs of the loop over a grid of datasets x strategies x seeds, and their CSV, markdown and PNG reports.
+
+Runs are independent, so they go to worker processes (one torch thread each: on a small machine
+several small models train faster side by side than one model on all cores).
+"""
+
+from __future__ import annotations
+
+import csv
+import multiprocessing
+import os
+from collections import defaultdict
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from .. import models
+from . import data
+from .loop import LoopConfig, run
+from .strategies import make_strategy
+
+MODELS = ("mlp", "cnn", "resnet", "vgg")
+COLUMNS = ("dataset", "model", "strategy", "seed", "rounds", "round", "labeled", "accuracy", "epochs", "query_seconds")
+
+
+def make_model(name: str, image_shape: tuple[int, int, int], num_classes: int) -> torch.nn.Module:
+    c, h, w = image_shape
+    if name == "mlp":
+        return models.MLP(c * h * w, num_classes)
+    if name == "cnn":
+        return models.VanillaCNN(c, num_classes)
+    if name == "resnet":
+        return models.small_resnet(c, num_classes)
+    if name == "vgg":
+        return models.SmallVGG(c, num_classes)
+    raise ValueError(f"model must be one of {MODELS}, got {name!r}")
+
+
+@dataclass(frozen=True)
+class Task:
+    dataset: str
+    model: str
+    strategy: str
+    config: LoopConfig
+
+
+def run_task(task: Task) -> list[dict]:
+    """One run of the loop; rows of the CSV."""
+    torch.set_num_threads(1)
+    splits = data.load(task.dataset, seed=0)  # one split per dataset: seeds vary the runs, not the test set
+
+    def factory() -> torch.nn.Module:
+        return make_model(task.model, splits.image_shape, splits.num_classes)
+
+    records = run(splits.train, splits.test, factory, make_strategy(task.strategy), task.config)
+    return [
+        {
+            "dataset": task.dataset,
+            "model": task.model,
+            "strategy": task.strategy,
+            "seed": task.config.seed,
+            "rounds": task.config.rounds,
+            "round": r.round,
+            "labeled": r.labeled,
+            "accuracy": round(r.accuracy, 5),
+            "epochs": r.epochs,
+            "query_seconds": round(r.seconds, 4),
+        }
+        for r in records
+    ]
+
+
+def tasks(datasets: Iterable[str], model: str, strategies: Iterable[str], seeds: Iterable[int], config: LoopConfig):
+    return [Task(d, model, s, replace(config, seed=seed)) for d in datasets for s in strategies for seed in seeds]
+
+
+def run_grid(all_tasks: list[Task], jobs: int | None = None, progress: bool | None = None) -> list[dict]:
+    """Every task, on ``jobs`` processes (default: the CPU count); rows in task order."""
+    jobs = jobs or os.cpu_count() or 1
+    show = progress if progress is not None else None
+    if jobs == 1:
+        results = [run_task(t) for t in tqdm(all_tasks, disable=show is False, desc="fastdal.al")]
+    else:
+        with multiprocessing.get_context("spawn").Pool(jobs) as pool:
+            results = list(
+                tqdm(pool.imap(run_task, all_tasks), total=len(all_tasks), disable=show is False, desc="fastdal.al")
+            )
+    return [row for rows in results for row in rows]
+
+
+def write_csv(rows: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS)
+        writer.writeheader()
+        writer.writerows(rows)
+
+
+def read_csv(path: Path) -> list[dict]:
+    with path.open() as f:
+        rows = list(csv.DictReader(f))
+    for row in rows:
+        for key in ("seed", "rounds", "round", "labeled", "epochs"):
+            row[key] = int(row[key])
+        for key in ("accuracy", "query_seconds"):
+            row[key] = float(row[key])
+    return rows
+
+
+def curves(rows: list[dict]) -> dict[tuple[str, str], dict[str, dict[int, list[float]]]]:
+    """(dataset, model) -> strategy -> labeled-set size -> accuracies over seeds."""
+    table: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
+    for row in rows:
+        table[(row["dataset"], row["model"])][row["strategy"]][row["labeled"]].append(100 * row["accuracy"])
+    return table
+
+
+def markdown(rows: list[dict]) -> str:
+    """Per dataset and model: test accuracy (%) mean +- std over seeds, a column per labeled-set size."""
+    parts = []
+    for (dataset, model), by_strategy in curves(rows).items():
+        sizes = sorted({size for acc in by_strategy.values() for size in acc})
+        seeds = max(len(v) for acc in by_strategy.values() for v in acc.values())
+        parts.append(f"**{dataset}, {model}** (test accuracy %, mean +- std over {seeds} seeds; columns: labeled)\n")
+        parts.append("| strategy | " + " | ".join(str(s) for s in sizes) + " | mean |")
+        parts.append("|---|" + "---:|" * (len(sizes) + 1))
+        for strategy, acc in by_strategy.items():
+            cells = []
+            for size in sizes:
+                values = torch.tensor(acc.get(size, [float("nan")]))
+                std = values.std().item() if len(values) > 1 else 0.0
+                cells.append(f"{values.mean().item():.1f} +- {std:.1f}")
+            overall = torch.tensor([sum(acc[s]) / len(acc[s]) for s in sizes if s in acc]).mean().item()
+            parts.append(f"| {strategy} | " + " | ".join(cells) + f" | {overall:.1f} |")
+        parts.append("")
+    return "\n".join(parts)
+
+
+def plot(rows: list[dict], directory: Path, prefix: str = "curves") -> list[Path]:
+    """One PNG of learning curves (mean, shaded +- std) per dataset and model."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for (dataset, model), by_strategy in curves(rows).items():
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for strategy, acc in by_strategy.items():
+            sizes = sorted(acc)
+            mean = torch.tensor([sum(acc[s]) / len(acc[s]) for s in sizes])
+            std = torch.tensor([torch.tensor(acc[s]).std().item() if len(acc[s]) > 1 else 0.0 for s in sizes])
+            style = "-" if strategy.startswith("dynamic") else "--"
+            ax.plot(sizes, mean, style, marker=".", label=strategy)
+            ax.fill_between(sizes, mean - std, mean + std, alpha=0.1)
+        ax.set_xlabel("labeled samples")
+        ax.set_ylabel("test accuracy (%)")
+        ax.set_title(f"{dataset}, {model}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, ncol=2)
+        fig.tight_layout()
+        path = directory / f"{prefix}-{dataset}-{model}.png"
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        written.append(path)
+    return written
+
+
+def config_dict(config: LoopConfig) -> dict:
+    return asdict(config)
