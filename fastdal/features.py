@@ -26,7 +26,6 @@ from functools import partial
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends, generic, layers, ops
@@ -418,28 +417,13 @@ def _positions(target: Target, record: list[Call], batch_size: int, dtype):
             yield [(slice(None), a, d)], d.sum(1)
             continue
         # Convolution: pad explicitly (any padding mode), unfold a chunk of samples at a time.
-        if any(m._reversed_padding_repeated_twice):
-            mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
-            x = F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
-        x, delta = x.to(dtype), delta.to(dtype)
-        groups, d_in = m.groups, m.weight[0].numel()
-        d_out = m.out_channels // groups
+        x, delta = layers.padded_input(m, x).to(dtype), delta.to(dtype)
         positions = delta[0].numel() // m.out_channels
-        two_d = x.dim() == 4
+        per_sample = positions * (m.groups * m.weight[0].numel() + m.out_channels)  # unfolded input + delta
 
-        def pieces(x=x, delta=delta, groups=groups, d_in=d_in, d_out=d_out, two_d=two_d, positions=positions):
-            for samples in chunks(batch_size, groups * positions * (d_in + d_out)):
-                part = x[samples]
-                unfolded = F.unfold(
-                    part if two_d else part.unsqueeze(2),
-                    m.kernel_size if two_d else (1, m.kernel_size[0]),
-                    dilation=m.dilation if two_d else (1, m.dilation[0]),
-                    stride=m.stride if two_d else (1, m.stride[0]),
-                )
-                b = unfolded.shape[0]
-                a = unfolded.view(b * groups, d_in, -1).transpose(1, 2)
-                d = delta[samples].reshape(b * groups, d_out, -1).transpose(1, 2)
-                yield samples, a, d
+        def pieces(x=x, delta=delta, per_sample=per_sample):
+            for samples in chunks(batch_size, per_sample):
+                yield (samples, *layers.unfolded_rows(m, x, delta, samples))
 
         yield pieces(), delta.reshape(batch_size, m.out_channels, -1).sum(-1)
 

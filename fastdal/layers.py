@@ -124,17 +124,7 @@ def conv_terms(target, calls, grads, batch_size, dtype, backend="auto"):
     the unfolded input.
     """
     m: nn.Conv1d | nn.Conv2d = target.module
-    pairs = [
-        (
-            F.pad(
-                a, m._reversed_padding_repeated_twice, mode="constant" if m.padding_mode == "zeros" else m.padding_mode
-            )
-            if any(m._reversed_padding_repeated_twice)
-            else a,
-            delta,
-        )
-        for a, delta in _inputs_and_deltas(target, calls, batch_size, dtype)
-    ]
+    pairs = [(padded_input(m, a), delta) for a, delta in _inputs_and_deltas(target, calls, batch_size, dtype)]
     sq = torch.zeros(batch_size, dtype=dtype, device=m.weight.device)
     dot = torch.zeros_like(sq)
     if not pairs:
@@ -182,23 +172,45 @@ def _unfolded_conv_terms(m, pairs, grad: Tensor | None, batch_size: int, ghost: 
     for samples in chunks(batch_size, groups * positions * (d_in + d_out)):
         cols, deltas = [], []
         for x, delta in pairs:
-            x = x[samples]
-            two_d = x.dim() == 4
-            unfolded = F.unfold(
-                x if two_d else x.unsqueeze(2),
-                m.kernel_size if two_d else (1, m.kernel_size[0]),
-                dilation=m.dilation if two_d else (1, m.dilation[0]),
-                stride=m.stride if two_d else (1, m.stride[0]),
-            )
-            b = unfolded.shape[0]
-            cols.append(unfolded.view(b * groups, d_in, -1).transpose(1, 2))
-            deltas.append(delta[samples].reshape(b * groups, d_out, -1).transpose(1, 2))
+            a_part, delta_part = unfolded_rows(m, x, delta, samples)
+            cols.append(a_part)
+            deltas.append(delta_part)
         a = cols[0] if len(cols) == 1 else torch.cat(cols, 1)
         delta = deltas[0] if len(deltas) == 1 else torch.cat(deltas, 1)
         s, d = ops.linear_sample_score(a, delta, w_grad, groups=groups, ghost=ghost, backend=backend)
         sq.append(s.view(-1, groups).sum(1))
         dot.append(d.view(-1, groups).sum(1))
     return torch.cat(sq), torch.cat(dot)
+
+
+def unfolded_rows(m, x: Tensor, delta: Tensor, samples: slice) -> tuple[Tensor, Tensor]:
+    """A convolution as a Linear over positions, for the samples in ``samples``.
+
+    ``x`` is the explicitly padded input and ``delta`` the output gradient. Returns one row per
+    (sample, group): ``a: (b * groups, T, d_in)`` and ``delta: (b * groups, T, d_out)``, strided views of
+    the unfolded input and of the output gradient.
+    """
+    groups = m.groups
+    d_in, d_out = m.weight[0].numel(), m.out_channels // groups
+    x = x[samples]
+    two_d = x.dim() == 4
+    unfolded = F.unfold(
+        x if two_d else x.unsqueeze(2),
+        m.kernel_size if two_d else (1, m.kernel_size[0]),
+        dilation=m.dilation if two_d else (1, m.dilation[0]),
+        stride=m.stride if two_d else (1, m.stride[0]),
+    )
+    b = unfolded.shape[0]
+    a = unfolded.view(b * groups, d_in, -1).transpose(1, 2)
+    return a, delta[samples].reshape(b * groups, d_out, -1).transpose(1, 2)
+
+
+def padded_input(m, x: Tensor) -> Tensor:
+    """The input of a convolution with its padding applied explicitly (any padding mode)."""
+    if not any(m._reversed_padding_repeated_twice):
+        return x
+    mode = "constant" if m.padding_mode == "zeros" else m.padding_mode
+    return F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
 
 
 def _conv_direct_terms(m, pairs, grad: Tensor | None, batch_size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:

@@ -17,6 +17,7 @@
 #include <cstdint>
 #include <optional>
 #include <type_traits>
+#include <vector>
 
 extern "C" {
 void sgemm_(const char* transa, const char* transb, const int* m, const int* n, const int* k, const float* alpha,
@@ -112,6 +113,51 @@ void gemm(bool trans_a, bool trans_b, int64_t m, int64_t n, int64_t k, const sca
   }
   auto out = detail::column_major(c, m, n, ldc, false);
   at::mm_out(out, detail::column_major(a, m, k, lda, trans_a), detail::column_major(b, k, n, ldb, trans_b));
+}
+
+// Tiling helpers shared by the kernels that multiply strided tiles with gemm.
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+// The largest tile size <= max_tile that splits extent into equal tiles (up to rounding).
+inline int64_t even_tile(int64_t extent, int64_t max_tile) {
+  return ceil_div(extent, ceil_div(extent, max_tile));
+}
+
+// A strided matrix: element (i, j) at p[i * rs + j * cs].
+template <typename T>
+struct Mat {
+  const T* p;
+  int64_t rows, cols, rs, cs;
+
+  Mat block(int64_t r0, int64_t nr, int64_t c0, int64_t nc) const { return {p + r0 * rs + c0 * cs, nr, nc, rs, cs}; }
+  Mat t() const { return {p, cols, rows, cs, rs}; }
+  // Whether BLAS can read it as stored, row by row or column by column (a stride of a dimension of
+  // size 1 does not matter).
+  bool row_major() const { return (cs == 1 || cols == 1) && (rows == 1 || rs >= cols); }
+  bool col_major() const { return (rs == 1 || rows == 1) && (cols == 1 || cs >= rows); }
+};
+
+// m itself when BLAS can read it, else a row-major copy of it in scratch.
+template <typename T>
+Mat<T> blas_ready(const Mat<T>& m, std::vector<T>& scratch) {
+  if (m.row_major() || m.col_major()) return m;
+  scratch.resize(m.rows * m.cols);
+  for (int64_t i = 0; i < m.rows; ++i)
+    for (int64_t j = 0; j < m.cols; ++j) scratch[i * m.cols + j] = m.p[i * m.rs + j * m.cs];
+  return {scratch.data(), m.rows, m.cols, m.cols, 1};
+}
+
+// Column-major C (x.rows x y.cols, leading dimension ldc) = x y, for BLAS-ready x and y.
+template <typename T>
+void matmul(const Mat<T>& x, const Mat<T>& y, T* c, int64_t ldc) {
+  TORCH_INTERNAL_ASSERT_DEBUG_ONLY((x.row_major() || x.col_major()) && (y.row_major() || y.col_major()));
+  // A column-major matrix is passed as is; a row-major one as the transpose of its column-major view.
+  const bool tx = !x.col_major(), ty = !y.col_major();
+  const int64_t ldx = tx ? (x.rows == 1 ? x.cols : x.rs) : (x.cols == 1 ? x.rows : x.cs);
+  const int64_t ldy = ty ? (y.rows == 1 ? y.cols : y.rs) : (y.cols == 1 ? y.rows : y.cs);
+  gemm<T>(tx, ty, x.rows, y.cols, x.cols, x.p, std::max<int64_t>(ldx, 1), y.p, std::max<int64_t>(ldy, 1), c,
+          std::max<int64_t>(ldc, 1));
 }
 
 }  // namespace fastdal::cpu
