@@ -39,9 +39,22 @@ def inputs(spec: dict, device: str):
             torch.randn(k, d, device=device, generator=g),
             torch.randn(k, device=device, generator=g),
         )
+    if spec["op"] == "factored_min_distance":
+        n, k, d = spec["n"], spec["k"], spec["d"]
+        left, right = torch.randn(n, k, device=device, generator=g), torch.randn(n, d, device=device, generator=g)
+        sq_norm = left.square().sum(1) * (right.square().sum(1) + 1)
+        return left, right, 1.0, sq_norm, n // 2, torch.full((n,), float("inf"), device=device)
     n, t, d_in, d_out = spec["n"], spec["t"], spec["d_in"], spec["d_out"]
     a = torch.randn(n, d_in, t, device=device, generator=g).transpose(1, 2)  # unfold layout
     delta = torch.randn(n, d_out, t, device=device, generator=g).transpose(1, 2)
+    if spec["op"] == "kron_project":
+        r = spec["r"]
+        return (
+            a,
+            delta,
+            torch.randn(r, d_in, device=device, generator=g),
+            torch.randn(1, r, d_out, device=device, generator=g),
+        )
     return a, delta, torch.randn(1, d_out, d_in, device=device, generator=g)
 
 
@@ -50,6 +63,10 @@ def call(spec: dict, args):
 
     if spec["op"] == "last_layer_score":
         return ops.last_layer_score(*args, gamma=2.0, backend=spec["backend"])
+    if spec["op"] == "kron_project":
+        return ops.kron_project(*args, backend=spec["backend"])
+    if spec["op"] == "factored_min_distance":
+        return ops.factored_min_distance(*args, backend=spec["backend"])
     return ops.linear_sample_score(*args, ghost=spec.get("ghost", False), backend=spec["backend"])
 
 

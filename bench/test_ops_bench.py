@@ -7,7 +7,9 @@ Shapes: ``last_layer_score`` at N=16384, D=512 for K in {10, 1000}, and its memo
 values of N (no N x K buffer means the extra memory does not grow with N); ``linear_sample_score``
 on the vanilla CNN's conv layers (batch 128, 32x32 maps, unfold layout, direct norm) and a
 K=1000 linear head (T=1, ghost norm). On a GPU: ``last_layer_score`` at N=1M, D=2048 for K in
-{10, 1000, 131072}, with the achieved fraction of memory bandwidth of reading h once.
+{10, 1000, 131072}, with the achieved fraction of memory bandwidth of reading h once. The feature
+ops: ``kron_project`` on the CNN's conv2 (r=16) and on a K=1000 head input (T=1, r=32), and one
+``factored_min_distance`` update of BADGE at N=50000, K=1000, D=512.
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ CASES = [
     {"op": "linear_sample_score", "n": 128, "t": 1024, "d_in": 288, "d_out": 64},
     {"op": "linear_sample_score", "n": 128, "t": 1024, "d_in": 576, "d_out": 128},
     {"op": "linear_sample_score", "n": 128, "t": 1, "d_in": 512, "d_out": 1000, "ghost": True},
+    {"op": "kron_project", "n": 128, "t": 1024, "d_in": 288, "d_out": 64, "r": 16},
+    {"op": "kron_project", "n": 4096, "t": 1, "d_in": 512, "d_out": 1000, "r": 32},
+    {"op": "factored_min_distance", "n": 50000, "k": 1000, "d": 512},
 ]
 if DEVICE == "cuda":
     CASES += [{"op": "last_layer_score", "n": 1 << 20, "d": 2048, "k": k} for k in (10, 1000, 131072)]

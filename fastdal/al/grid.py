@@ -150,13 +150,15 @@ def plot(rows: list[dict], directory: Path, prefix: str = "curves") -> list[Path
     written = []
     for (dataset, model), by_strategy in curves(rows).items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        for strategy, acc in by_strategy.items():
+        colors = plt.get_cmap("tab20").colors  # twelve strategies: tab10 would repeat colors
+        for i, (strategy, acc) in enumerate(by_strategy.items()):
             sizes = sorted(acc)
             mean = torch.tensor([sum(acc[s]) / len(acc[s]) for s in sizes])
             std = torch.tensor([torch.tensor(acc[s]).std().item() if len(acc[s]) > 1 else 0.0 for s in sizes])
             style = "-" if strategy.startswith("dynamic") else "--"
-            ax.plot(sizes, mean, style, marker=".", label=strategy)
-            ax.fill_between(sizes, mean - std, mean + std, alpha=0.1)
+            color = colors[(2 * i) % 20 + (2 * i) // 20]  # dark shades first, then the light ones
+            ax.plot(sizes, mean, style, marker=".", label=strategy, color=color)
+            ax.fill_between(sizes, mean - std, mean + std, alpha=0.1, color=color)
         ax.set_xlabel("labeled samples")
         ax.set_ylabel("test accuracy (%)")
         ax.set_title(f"{dataset}, {model}")
