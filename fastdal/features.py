@@ -163,10 +163,9 @@ class GradFeatures:
 
     def to(self, *args, **kwargs) -> GradFeatures:
         """A copy with every tensor moved like ``Tensor.to`` (labels keep their integer dtype)."""
-        device = torch.empty(0).to(*args, **kwargs).device
-        return GradFeatures(
-            [b.to(*args, **kwargs) for b in self.blocks], self.labels.to(device), self.names, self.rank, self.seed
-        )
+        blocks = [b.to(*args, **kwargs) for b in self.blocks]
+        first = blocks[0].left if isinstance(blocks[0], FactoredBlock) else blocks[0].values
+        return GradFeatures(blocks, self.labels.to(first.device), self.names, self.rank, self.seed)
 
     def sq_norm(self) -> Tensor:
         """``||g_i||^2`` of every sample, (N,)."""
