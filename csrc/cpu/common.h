@@ -160,4 +160,13 @@ void matmul(const Mat<T>& x, const Mat<T>& y, T* c, int64_t ldc) {
           std::max<int64_t>(ldc, 1));
 }
 
+// sum_j x[j] y[j], accumulated in acc_t.
+template <typename T>
+acc_t sum_of_products(const T* x, const T* y, int64_t len) {
+  acc_t s = 0;
+#pragma omp simd reduction(+ : s)
+  for (int64_t j = 0; j < len; ++j) s += static_cast<acc_t>(x[j]) * y[j];
+  return s;
+}
+
 }  // namespace fastdal::cpu

@@ -21,14 +21,6 @@ namespace {
 constexpr int64_t kChunkElems = 1 << 15;
 
 template <typename T>
-acc_t sum_of_products(const T* x, const T* y, int64_t len) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < len; ++j) s += static_cast<acc_t>(x[j]) * y[j];
-  return s;
-}
-
-template <typename T>
 void update_rows(const T* left, const T* right, acc_t offset, const T* sq_norm, int64_t center, const T* min_dist,
                  int64_t n, int64_t k, int64_t d, T* out) {
   const T* left_c = left + center * k;

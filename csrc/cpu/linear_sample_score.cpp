@@ -122,14 +122,6 @@ void direct_rows(const Problem<T>& p, T* sq_out, T* dot_out) {
   });
 }
 
-template <typename T>
-acc_t sum_of_products(const T* x, const T* y, int64_t len) {
-  acc_t s = 0;
-#pragma omp simd reduction(+ : s)
-  for (int64_t j = 0; j < len; ++j) s += static_cast<acc_t>(x[j]) * y[j];
-  return s;
-}
-
 // Ghost: ||g||^2 of one row from tiles of the Gram matrices a a^T and delta delta^T (each buffer
 // kPosTile^2 scalars).
 template <typename T>
