@@ -1,4 +1,5 @@
-"""Collects every benchmark's timing and memory into bench/results/ops-<device>.json at the end."""
+"""Collects every benchmark's timing and memory into bench/results/ops-<device>.json at the end, and on
+CPU writes the README's table of them (between its bench_ops markers)."""
 
 from __future__ import annotations
 
@@ -41,6 +42,8 @@ def records():
     RESULTS.mkdir(exist_ok=True)
     out = RESULTS / f"ops-{device}.json"
     out.write_text(json.dumps(report, indent=2) + "\n")
+    if device == "cpu":
+        _update_readme(by_case)
     print(f"\n{out}:")
     for row in rows:
         speed = row.get("speedup_over_torch")
@@ -59,3 +62,31 @@ def _version(package: str) -> str | None:
 
 def median_seconds(benchmark) -> float:
     return statistics.median(benchmark.stats.stats.data)
+
+
+def _update_readme(by_case: dict) -> None:
+    lines = [
+        "| op | shapes | torch | cpp | cpp speed-up (paired) | extra peak memory, torch / cpp |",
+        "|---|---|---|---|---|---|",
+    ]
+    for backends in by_case.values():
+        if "torch" not in backends or "cpp" not in backends:
+            continue
+        t, c = backends["torch"], backends["cpp"]
+        shapes = ", ".join(f"{k}={v}" for k, v in t["shapes"].items())
+        lines.append(
+            f"| `{t['case'].split(',')[0].removeprefix('op=')}` | {shapes} | {_ms(t['seconds_median'])} | "
+            f"{_ms(c['seconds_median'])} | {c['speedup_over_torch_paired']:.2f}x | "
+            f"{t['peak_extra_bytes'] / 2**20:.1f} / {c['peak_extra_bytes'] / 2**20:.1f} MiB |"
+        )
+    readme = Path(__file__).parent.parent / "README.md"
+    start, end = "<!-- bench_ops:start -->", "<!-- bench_ops:end -->"
+    content = readme.read_text()
+    if start in content and end in content:
+        head, rest = content.split(start, 1)
+        _, tail = rest.split(end, 1)
+        readme.write_text(f"{head}{start}\n" + "\n".join(lines) + f"\n{end}{tail}")
+
+
+def _ms(seconds: float) -> str:
+    return f"{seconds * 1e3:.0f} ms" if seconds >= 1 else f"{seconds * 1e3:.1f} ms"

@@ -1,5 +1,7 @@
-"""Each op on each backend against the ``torch`` backend, in one run: time (pytest-benchmark) and
-extra peak memory (bench/peak_memory.py, a fresh process per measurement).
+"""Each op on each backend against the ``torch`` backend, in one run: time (pytest-benchmark), the
+speed-up over ``torch`` as the median of interleaved pairs of calls (so that drift of the machine's
+speed between tests does not enter the ratio), and extra peak memory (bench/peak_memory.py, a fresh
+process per measurement).
 
     python -m pytest bench/test_ops_bench.py            # writes bench/results/ops-<cpu|cuda>.json
 
@@ -13,6 +15,9 @@ ops: ``kron_project`` on the CNN's conv2 (r=16) and on a K=1000 head input (T=1,
 """
 
 from __future__ import annotations
+
+import statistics
+import time
 
 import pytest
 import torch
@@ -72,11 +77,33 @@ def test_op(benchmark, records, spec, backend):
         "seconds_median": seconds,
         "peak_extra_bytes": measure(spec),
     }
+    if backend != "torch":
+        row["speedup_over_torch_paired"] = _paired_speedup(spec, args, backend)
     if spec["op"] == "last_layer_score" and DEVICE == "cuda":
         bytes_read = spec["n"] * spec["d"] * 4  # h read once; W and G_W are small next to it
         row["bandwidth_fraction"] = bytes_read / seconds / _peak_bandwidth()
     benchmark.extra_info.update(row)
     records.append(row)
+
+
+PAIRED_ROUNDS = 15
+
+
+def _paired_speedup(spec: dict, args, backend: str) -> float:
+    """Median over interleaved (torch, backend) pairs of torch's time over the backend's."""
+    torch_spec = {**spec, "backend": "torch"}
+
+    def timed(s: dict) -> float:
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        call(s, args)
+        if DEVICE == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - start
+
+    ratios = [timed(torch_spec) / timed(spec) for _ in range(PAIRED_ROUNDS)]
+    return statistics.median(ratios)
 
 
 def _peak_bandwidth() -> float:
