@@ -22,7 +22,7 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import partial
+from functools import cache, partial
 from typing import Any
 
 import torch
@@ -33,7 +33,7 @@ from .api import accumulation_dtype, covered_parameters
 from .batches import batch_labels, check_loader, split_batch, to_device, with_progress
 from .capture import Call, Target, model_on_device, preserved_model_state
 from .grads import LabeledGrad
-from .passes import CPU_MICRO_BATCH, BackwardPass, check_batchnorm_statistics, find_head
+from .passes import BackwardPass, check_batchnorm_statistics, cpu_pieces, find_head
 from .torch_ops import chunks
 
 
@@ -262,18 +262,21 @@ def features(
             args, kwargs = to_device(split_batch(batch, inputs), dev)
             y = to_device(batch_labels(batch, labels), dev) if labeled else None
             if builder is None:
-                names, _ = covered_parameters(model, layers, partial(find_head, model, args, kwargs, outputs))
+                head = cache(partial(find_head, model, args, kwargs, outputs))  # one forward, asked twice
+                names, _ = covered_parameters(model, layers, head)
                 for n in names:
                     params[n].requires_grad_(True)
-                head = (
-                    find_head(model, args, kwargs, outputs)
-                    if any(isinstance(m, nn.Linear) for m in model.modules())
-                    else None
-                )
+                has_linear = any(isinstance(m, nn.Linear) for m in model.modules())
                 builder = _Builder(
-                    model, names, head, rank, seed, accumulation_dtype(params[n] for n in names), backend
+                    model,
+                    names,
+                    head() if has_linear else None,
+                    rank,
+                    seed,
+                    accumulation_dtype(params[n] for n in names),
+                    backend,
                 )
-            for piece_args, piece_kwargs, piece_y in _pieces(args, kwargs, y):
+            for _, piece_args, piece_kwargs, piece_y in cpu_pieces(args, kwargs, y):
                 blocks, used = builder(piece_args, piece_kwargs, outputs, seen, piece_y)
                 parts.append(blocks)
                 label_parts.append(used)
@@ -282,17 +285,6 @@ def features(
         raise ValueError("loader yielded no batches: features need at least one sample")
     blocks = [_concat([p[i] for p in parts]) for i in range(len(parts[0]))]
     return GradFeatures(blocks, torch.cat(label_parts), builder.names, rank if builder.projects else None, seed)
-
-
-def _pieces(args: tuple, kwargs: dict, y: Tensor | None):
-    """The batch, or CPU pieces of it when its only input is one tensor (as in fastdal.score)."""
-    x = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) else None
-    if x is None or x.device.type != "cpu" or x.dim() == 0 or x.shape[0] <= CPU_MICRO_BATCH:
-        yield args, kwargs, y
-        return
-    for start in range(0, x.shape[0], CPU_MICRO_BATCH):
-        piece = slice(start, start + CPU_MICRO_BATCH)
-        yield (x[piece],), {}, None if y is None else y[piece]
 
 
 def _concat(blocks: list[Block]) -> Block:
@@ -373,9 +365,8 @@ def _weight_block(target: Target, record: list[Call], batch_size: int, rank: int
     p_out = projection(seed, weight_name + ":out", rank, out_features)
     p_in = projection(seed, weight_name + ":in", rank, d_in)
     device = m.weight.device
-    eye = torch.eye
-    po = eye(out_features, dtype=dtype, device=device) if p_out is None else p_out.to(device, dtype)
-    pi = eye(d_in, dtype=dtype, device=device) if p_in is None else p_in.to(device, dtype)
+    po = torch.eye(out_features, dtype=dtype, device=device) if p_out is None else p_out.to(device, dtype)
+    pi = torch.eye(d_in, dtype=dtype, device=device) if p_in is None else p_in.to(device, dtype)
     r_out, r_in = po.shape[0], pi.shape[0]
     po_groups = po.view(r_out, groups, out_features // groups).permute(1, 0, 2).contiguous()
 

@@ -33,6 +33,18 @@ _MAX_REFINEMENTS = 64
 CPU_MICRO_BATCH = 32
 
 
+def cpu_pieces(args: tuple, kwargs: dict, labels: Tensor | None = None):
+    """``(offset, args, kwargs, labels)`` of a batch: the batch itself, or pieces of CPU_MICRO_BATCH
+    samples when it is on the CPU and its only input is one tensor."""
+    x = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) else None
+    if x is None or x.device.type != "cpu" or x.dim() == 0 or x.shape[0] <= CPU_MICRO_BATCH:
+        yield 0, args, kwargs, labels
+        return
+    for start in range(0, x.shape[0], CPU_MICRO_BATCH):
+        piece = slice(start, start + CPU_MICRO_BATCH)
+        yield start, (x[piece],), {}, None if labels is None else labels[piece]
+
+
 class BatchTerms(NamedTuple):
     sq_norm: Tensor
     dot: Tensor
@@ -102,14 +114,11 @@ class BackwardPass:
         self.warned: set[str] = set()
 
     def __call__(self, args: tuple, kwargs: dict, outputs: Callable | None, first_index: int) -> BatchTerms:
-        x = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) else None
-        if x is None or x.device.type != "cpu" or x.dim() == 0 or x.shape[0] <= CPU_MICRO_BATCH:
-            return self._run(args, kwargs, outputs, first_index)
         parts = [
-            self._run((piece,), {}, outputs, first_index + start)
-            for start, piece in zip(range(0, x.shape[0], CPU_MICRO_BATCH), x.split(CPU_MICRO_BATCH))
+            self._run(piece_args, piece_kwargs, outputs, first_index + start)
+            for start, piece_args, piece_kwargs, _ in cpu_pieces(args, kwargs)
         ]
-        return BatchTerms(*(torch.cat(column) for column in zip(*parts)))
+        return parts[0] if len(parts) == 1 else BatchTerms(*(torch.cat(column) for column in zip(*parts)))
 
     def _run(self, args: tuple, kwargs: dict, outputs: Callable | None, first_index: int) -> BatchTerms:
         calls, logits, pseudo = self.capture(args, kwargs, outputs, first_index)

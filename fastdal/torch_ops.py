@@ -151,7 +151,7 @@ def kron_project(a: Tensor, delta: Tensor, p_in: Tensor, p_out: Tensor) -> Tenso
     pi, po = p_in.to(dtype), p_out.to(dtype)
     # Rows come in whole groups (row r uses p_out[r % groups]), so chunks start at a group edge.
     per_row = t * (r_in + r_out) + r_in * r_out
-    step = max(groups, (max(1, CHUNK_ELEMENTS // per_row) // groups) * groups)
+    step = max(groups, (max(1, CHUNK_ELEMENTS // max(1, per_row)) // groups) * groups)
     for start in range(0, n, step):
         rows = slice(start, min(start + step, n))
         projected_in = a[rows].to(dtype) @ pi.T  # (b, T, r_in)

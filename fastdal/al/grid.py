@@ -80,14 +80,12 @@ def tasks(datasets: Iterable[str], model: str, strategies: Iterable[str], seeds:
 def run_grid(all_tasks: list[Task], jobs: int | None = None, progress: bool | None = None) -> list[dict]:
     """Every task, on ``jobs`` processes (default: the CPU count); rows in task order."""
     jobs = jobs or os.cpu_count() or 1
-    show = progress if progress is not None else None
+    hide = progress is False
     if jobs == 1:
-        results = [run_task(t) for t in tqdm(all_tasks, disable=show is False, desc="fastdal.al")]
+        results = [run_task(t) for t in tqdm(all_tasks, disable=hide, desc="fastdal.al")]
     else:
         with multiprocessing.get_context("spawn").Pool(jobs) as pool:
-            results = list(
-                tqdm(pool.imap(run_task, all_tasks), total=len(all_tasks), disable=show is False, desc="fastdal.al")
-            )
+            results = list(tqdm(pool.imap(run_task, all_tasks), total=len(all_tasks), disable=hide, desc="fastdal.al"))
     return [row for rows in results for row in rows]
 
 
