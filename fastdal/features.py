@@ -76,12 +76,13 @@ class FactoredBlock:
         return (self.left[rows] @ self.left[other].T) * (self.right[rows] @ self.right[other].T + self.offset)
 
     def dot(self, grads: Mapping[str, Tensor]) -> Tensor:
-        c = torch.zeros_like(self.left)
+        # e . (G_W h + G_b) as (e G_W) . h + e . G_b: temporaries of N x D, never N x K.
+        result = self.left.new_zeros(self.left.shape[0])
         if self.weight is not None:
-            c += self.right @ grads[self.weight].to(self.right).T
+            result += ((self.left @ grads[self.weight].to(self.left)) * self.right).sum(1)
         if self.bias is not None:
-            c += grads[self.bias].to(self.left)
-        return (self.left * c).sum(1)
+            result += self.left @ grads[self.bias].to(self.left)
+        return result
 
     def take(self, rows: Tensor | slice) -> FactoredBlock:
         return replace(self, left=self.left[rows], right=self.right[rows])
