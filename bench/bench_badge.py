@@ -84,6 +84,7 @@ def main() -> None:
         print(json.dumps(run_one(args.n, args.k, args.d, args.b, args.one)))
         return
     import torch
+    from machine import device_name
 
     import fastdal
 
@@ -95,7 +96,7 @@ def main() -> None:
         print(results[-1])
     device = "cuda" if torch.cuda.is_available() else "cpu"
     report = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else platform.processor() or "cpu",
+        "device": device_name(device),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "fastdal": fastdal.__version__,

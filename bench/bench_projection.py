@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 import torch
+from machine import cpu_name
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastdal
@@ -71,6 +72,7 @@ def main() -> None:
         )
         print(rows[-1])
     report = {
+        "device": cpu_name(),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "torch": torch.__version__,
         "fastdal": fastdal.__version__,

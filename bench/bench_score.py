@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from machine import device_name
 
 import fastdal
 from fastdal.models import VanillaCNN, resnet18
@@ -155,9 +156,8 @@ def main() -> None:
         measure("vanilla CNN", VanillaCNN(), 128, 1 if args.quick else 2, 16 if args.quick else 64, rounds, device),
         measure("ResNet-18", resnet18(), 32, 1 if args.quick else 4, 8 if args.quick else 32, rounds, device),
     ]
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     report = {
-        "device": device_name,
+        "device": device_name(device),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} threads",
         "python": platform.python_version(),
         "torch": torch.__version__,

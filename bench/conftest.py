@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from machine import device_name
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -29,9 +30,8 @@ def records():
         if "torch" in backends:
             for row in backends.values():
                 row["speedup_over_torch"] = backends["torch"]["seconds_median"] / row["seconds_median"]
-    name = torch.cuda.get_device_name() if device == "cuda" else (platform.processor() or platform.machine())
     report = {
-        "device": name,
+        "device": device_name(device),
         "machine": f"{platform.machine()}, {torch.get_num_threads()} CPU threads",
         "python": platform.python_version(),
         "torch": torch.__version__,

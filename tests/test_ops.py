@@ -158,6 +158,37 @@ def test_linear_sample_score(device, backend, n, t, d_in, d_out, groups, dtype, 
     _close(result, expected, baseline, dtype)
 
 
+# Float32 rows in the unfold layout with T >= 8, which the cpp backend's direct norm forms in AVX2
+# registers (csrc/cpu/direct_avx2.cpp) on CPUs without AVX-512: every remainder of its 4 x 3 register
+# tile (d_out mod 4, d_in mod 3), position tails T mod 8 from 0 to 7, and T = 4100, where the rows of
+# delta are walked in blocks of 12.
+REGISTER_TILE_SHAPES = [(3, 8, 1, 1, 1), (2, 15, 10, 6, 2), (2, 23, 11, 7, 1), (4, 50, 3, 4, 2), (1, 4100, 5, 37, 1)]
+
+
+@pytest.mark.parametrize("n, t, d_in, d_out, groups", REGISTER_TILE_SHAPES)
+@pytest.mark.parametrize("device, backend", BACKEND_CASES)
+def test_linear_sample_score_direct_unfold_layout_float32(device, backend, n, t, d_in, d_out, groups):
+    a, delta, grad = _linear_inputs(n, t, d_in, d_out, groups, torch.float32, device, transposed=True)
+    # Also every other input channel of a wider map: the channels of a row are then 2T apart, not T.
+    sliced = torch.randn(n, 2 * d_in, t, device=device)[:, ::2].transpose(1, 2)
+    for x in (a, sliced):
+        expected = torch_ops.linear_sample_score(x.double(), delta.double(), grad.double(), groups, False)
+        baseline = torch_ops.linear_sample_score(x, delta, grad, groups, False)
+        result = ops.linear_sample_score(x, delta, grad, groups=groups, ghost=False, backend=backend)
+        _close(result, expected, baseline, torch.float32)
+
+
+@pytest.mark.parametrize("ghost", [False, True], ids=["direct", "ghost"])
+@pytest.mark.parametrize("device, backend", BACKEND_CASES)
+def test_linear_sample_score_non_finite_stays_in_its_row(device, backend, ghost):
+    a, delta, grad = _linear_inputs(4, 17, 7, 5, 1, torch.float32, device, transposed=True)
+    a[1, 16, 0] = float("nan")  # in the last position, which the register kernel reads through a mask
+    delta[2, 0, 3] = float("inf")
+    bad = torch.tensor([False, True, True, False])
+    for result in ops.linear_sample_score(a, delta, grad, ghost=ghost, backend=backend):
+        assert not torch.isfinite(result.cpu()[bad]).any() and torch.isfinite(result.cpu()[~bad]).all()
+
+
 @pytest.mark.parametrize("ghost", [False, True], ids=["direct", "ghost"])
 @pytest.mark.parametrize("device, backend", BACKEND_CASES)
 def test_linear_sample_score_without_weight_grad(device, backend, ghost):

@@ -18,10 +18,14 @@
 // a and delta may have any strides (unfold gives (N, d, T) storage seen as (N, T, d)): a row is
 // handed to BLAS as it lies whenever one of its strides is 1, and copied to a thread-local buffer
 // otherwise. Rows (or, in ghost mode, blocks of rows of one group) run in parallel.
+//
+// In direct mode, float32 rows in the unfold layout skip BLAS where direct_avx2.cpp says it is faster:
+// that kernel forms g in registers with the positions in the SIMD lanes.
 #include <algorithm>
 #include <vector>
 
 #include "common.h"
+#include "direct_avx2.h"
 
 namespace fastdal::cpu {
 namespace {
@@ -36,8 +40,8 @@ template <typename T>
 struct Problem {
   const T* a;
   const T* delta;
-  // G, contiguous: (groups, d_out, d_in), or (groups, d_in, d_out) in direct mode when the tiles of g
-  // are held d_out-fastest (kOutFastest); null without weight_grad.
+  // G, contiguous: (groups, d_out, d_in), or (groups, d_in, d_out) in direct mode through BLAS when the
+  // tiles of g are held d_out-fastest (kOutFastest); null without weight_grad.
   const T* grad;
   int64_t n, t, d_in, d_out, groups;
   int64_t sa[3], sd[3];
@@ -107,8 +111,37 @@ void direct_row(const Problem<T>& p, GradTile tile, const Mat<T>& a, const Mat<T
   }
 }
 
+// Direct: whether direct_row_avx2 serves these rows: float32, positions contiguous in a and delta,
+// at least one SIMD vector of them, and a CPU where that kernel beats BLAS.
 template <typename T>
-void direct_rows(const Problem<T>& p, T* sq_out, T* dot_out) {
+bool direct_in_registers(const at::Tensor& a, const at::Tensor& delta) {
+  constexpr int64_t kMinPositions = 8;
+  return std::is_same_v<T, float> && a.size(1) >= kMinPositions && a.stride(1) == 1 && delta.stride(1) == 1 &&
+         direct_avx2_usable();
+}
+
+// Direct, rows with contiguous positions, G laid out (d_out, d_in).
+void direct_rows_avx2(const Problem<float>& p, float* sq_out, float* dot_out) {
+  at::parallel_for(0, p.n, 1, [&](int64_t first, int64_t last) {
+    for (int64_t r = first; r < last; ++r) {
+      acc_t sq = 0, dot = 0;
+      direct_row_avx2(p.a + r * p.sa[0], p.sa[2], p.delta + r * p.sd[0], p.sd[2], p.t, p.d_in, p.d_out, p.grad_of(r),
+                      &sq, &dot);
+      sq_out[r] = static_cast<float>(sq);
+      if (dot_out) dot_out[r] = static_cast<float>(dot);
+    }
+  });
+}
+
+// Direct: in registers (float32 only, see direct_in_registers) or tile by tile through BLAS.
+template <typename T>
+void direct_rows(const Problem<T>& p, bool in_registers, T* sq_out, T* dot_out) {
+  if constexpr (std::is_same_v<T, float>) {
+    if (in_registers) {
+      direct_rows_avx2(p, sq_out, dot_out);
+      return;
+    }
+  }
   const GradTile tile = direct_tile(p.d_out, p.d_in);
   at::parallel_for(0, p.n, 1, [&](int64_t first, int64_t last) {
     std::vector<T> buf(tile.out * tile.in), a_copy, delta_copy;
@@ -231,9 +264,10 @@ std::tuple<at::Tensor, at::Tensor> linear_sample_score_cpu(const at::Tensor& a, 
   auto dot = at::zeros({n}, a.options());
   if (a.numel() == 0 || delta.numel() == 0) return {sq, dot};  // g is empty or zero
   AT_DISPATCH_FLOATING_TYPES(a.scalar_type(), "linear_sample_score_cpu", [&] {
+    const bool in_registers = !ghost && direct_in_registers<scalar_t>(a, delta);
     at::Tensor grad;
     if (weight_grad.has_value()) {
-      const bool transpose = !ghost && kOutFastest<scalar_t>;
+      const bool transpose = !ghost && !in_registers && kOutFastest<scalar_t>;
       grad = transpose ? weight_grad->transpose(1, 2).contiguous() : *weight_grad;
     }
     const Problem<scalar_t> p{a.data_ptr<scalar_t>(),
@@ -250,7 +284,7 @@ std::tuple<at::Tensor, at::Tensor> linear_sample_score_cpu(const at::Tensor& a, 
     if (ghost) {
       ghost_rows(p, sq.data_ptr<scalar_t>(), dot_out);
     } else {
-      direct_rows(p, sq.data_ptr<scalar_t>(), dot_out);
+      direct_rows(p, in_registers, sq.data_ptr<scalar_t>(), dot_out);
     }
   });
   return {sq, dot};
