@@ -162,7 +162,17 @@ def test_linear_sample_score(device, backend, n, t, d_in, d_out, groups, dtype, 
 # registers (csrc/cpu/direct_avx2.cpp) on CPUs without AVX-512: every remainder of its 4 x 3 register
 # tile (d_out mod 4, d_in mod 3), position tails T mod 8 from 0 to 7, and T = 4100, where the rows of
 # delta are walked in blocks of 12.
-REGISTER_TILE_SHAPES = [(3, 8, 1, 1, 1), (2, 15, 10, 6, 2), (2, 23, 11, 7, 1), (4, 50, 3, 4, 2), (1, 4100, 5, 37, 1)]
+REGISTER_TILE_SHAPES = [
+    (3, 8, 1, 1, 1),
+    (2, 9, 2, 3, 1),
+    (2, 15, 10, 6, 2),
+    (4, 50, 3, 4, 2),
+    (2, 11, 2, 3, 1),
+    (1, 13, 4, 2, 1),
+    (2, 30, 6, 9, 1),
+    (2, 23, 11, 7, 1),
+    (1, 4100, 5, 37, 1),
+]
 
 
 @pytest.mark.parametrize("n, t, d_in, d_out, groups", REGISTER_TILE_SHAPES)
