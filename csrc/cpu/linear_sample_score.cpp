@@ -120,35 +120,24 @@ bool direct_in_registers(const at::Tensor& a, const at::Tensor& delta) {
          direct_avx2_usable();
 }
 
-// Direct, rows with contiguous positions, G laid out (d_out, d_in).
-void direct_rows_avx2(const Problem<float>& p, float* sq_out, float* dot_out) {
-  at::parallel_for(0, p.n, 1, [&](int64_t first, int64_t last) {
-    for (int64_t r = first; r < last; ++r) {
-      acc_t sq = 0, dot = 0;
-      direct_row_avx2(p.a + r * p.sa[0], p.sa[2], p.delta + r * p.sd[0], p.sd[2], p.t, p.d_in, p.d_out, p.grad_of(r),
-                      &sq, &dot);
-      sq_out[r] = static_cast<float>(sq);
-      if (dot_out) dot_out[r] = static_cast<float>(dot);
-    }
-  });
-}
-
-// Direct: in registers (float32 only, see direct_in_registers) or tile by tile through BLAS.
+// Direct: each row in registers (float32 only, see direct_in_registers; G then laid out (d_out, d_in))
+// or tile by tile through BLAS.
 template <typename T>
 void direct_rows(const Problem<T>& p, bool in_registers, T* sq_out, T* dot_out) {
-  if constexpr (std::is_same_v<T, float>) {
-    if (in_registers) {
-      direct_rows_avx2(p, sq_out, dot_out);
-      return;
-    }
-  }
   const GradTile tile = direct_tile(p.d_out, p.d_in);
   at::parallel_for(0, p.n, 1, [&](int64_t first, int64_t last) {
-    std::vector<T> buf(tile.out * tile.in), a_copy, delta_copy;
+    std::vector<T> buf(in_registers ? 0 : tile.out * tile.in), a_copy, delta_copy;
     for (int64_t r = first; r < last; ++r) {
       acc_t sq = 0, dot = 0;
-      direct_row(p, tile, blas_ready(p.a_row(r), a_copy), blas_ready(p.delta_row(r), delta_copy), p.grad_of(r),
-                 buf.data(), &sq, &dot);
+      if (in_registers) {
+        if constexpr (std::is_same_v<T, float>) {
+          direct_row_avx2(p.a + r * p.sa[0], p.sa[2], p.delta + r * p.sd[0], p.sd[2], p.t, p.d_in, p.d_out,
+                          p.grad_of(r), &sq, &dot);
+        }
+      } else {
+        direct_row(p, tile, blas_ready(p.a_row(r), a_copy), blas_ready(p.delta_row(r), delta_copy), p.grad_of(r),
+                   buf.data(), &sq, &dot);
+      }
       sq_out[r] = static_cast<T>(sq);
       if (dot_out) dot_out[r] = static_cast<T>(dot);
     }
