@@ -2,27 +2,28 @@
 
 from __future__ import annotations
 
-import math
-import numbers
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from functools import partial
-from typing import Any, NamedTuple
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import backends
+from . import backends, reference, selection
 from .batches import (
     batch_labels,
     check_finite,
     check_labels,
     check_loader,
+    check_pool_count,
     pool_size,
     split_batch,
     to_device,
     with_progress,
 )
 from .capture import Plan, Target, model_on_device, preserved_model_state
+from .coverage import Layers, covered_parameters
+from .features import GradFeatures
 from .grads import LabeledGrad, as_grad_dict
 from .ops import last_layer_labeled_grad
 from .passes import (
@@ -34,36 +35,7 @@ from .passes import (
     head_input_and_logits,
     labeled_batch_grads,
 )
-
-Layers = str | Sequence[str]
-
-
-class ScoreResult(NamedTuple):
-    """Per-sample results of :func:`score`, in pool order (CPU tensors).
-
-    ``score = sq_norm + gamma * dot``; :meth:`with_gamma` gives any other variant without a new pass
-    (``gamma=0`` is expected gradient length).
-    """
-
-    score: Tensor
-    sq_norm: Tensor
-    dot: Tensor
-    pseudo_label: Tensor
-
-    def with_gamma(self, gamma: float) -> Tensor:
-        return self.sq_norm + _check_gamma(gamma) * self.dot
-
-
-def _check_gamma(gamma: Any) -> float:
-    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(float(gamma)):
-        raise ValueError(f"gamma must be a finite real number, got {gamma!r}")
-    return float(gamma)
-
-
-def accumulation_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
-    """float64 when every tensor is float64, float32 otherwise (bf16/fp16 models accumulate in float32)."""
-    dtypes = {t.dtype for t in tensors}
-    return torch.float64 if dtypes == {torch.float64} else torch.float32
+from .results import ScoreResult, accumulation_dtype, check_gamma
 
 
 def score(
@@ -100,7 +72,7 @@ def score(
     Returns:
         ``(N,)`` scores on the CPU, float64 for a float64 model and float32 otherwise.
     """
-    gamma = _check_gamma(gamma)
+    gamma = check_gamma(gamma)
     backend = backends.requested(backend)
     backends.check_runs_here(backend)
     check_loader(pool_loader, "pool_loader", pool=True)
@@ -109,8 +81,6 @@ def score(
     params = dict(model.named_parameters())
     dtype = accumulation_dtype(params[n] for n in grads)
     if backend == backends.REFERENCE:
-        from . import reference  # imported here: fastdal.reference builds on this module
-
         result = reference.score(
             model,
             pool_loader,
@@ -135,16 +105,17 @@ def score(
         full: BackwardPass | None = None
         seen = 0
         for batch in with_progress(pool_loader, progress, "fastdal.score"):
-            args, kwargs = to_device(split_batch(batch, inputs), dev)
-            terms = last(args, kwargs, outputs, seen) if last is not None else None
+            batch = to_device(batch, dev)
+            terms = last(batch, inputs, outputs, seen) if last is not None else None
             if terms is None:
                 # Something follows the head (or there is no single head): use the backward pass
                 # from here on.
                 last = None
                 full = full or BackwardPass(model, local, dtype, backend)
-                terms = full(args, kwargs, outputs, seen)
+                terms = full(batch, inputs, outputs, seen)
             parts.append(terms)
             seen += terms.pseudo_label.shape[0]
+    check_pool_count(pool_loader, seen)
     if parts:
         sq = torch.cat([p.sq_norm for p in parts]).cpu()
         dot = torch.cat([p.dot for p in parts]).cpu()
@@ -155,35 +126,6 @@ def score(
         pseudo = torch.zeros(0, dtype=torch.long)
     result = ScoreResult(sq + gamma * dot, sq, dot, pseudo)
     return result if return_components else result.score
-
-
-def covered_parameters(model: nn.Module, layers: Layers, head: Callable[[], str]) -> tuple[list[str], Any]:
-    """Parameter names for a ``layers`` request, and the request as stored in the LabeledGrad."""
-    params = dict(model.named_parameters())
-    if layers == "all":
-        names = [n for n, p in params.items() if p.requires_grad]
-        if not names:
-            raise ValueError("layers='all': the model has no trainable parameters (requires_grad=True)")
-        return names, "all"
-    if layers == "last":
-        name = head()
-        return [n for n, _ in model.get_submodule(name).named_parameters(prefix=name, recurse=False)], "last"
-    if isinstance(layers, str):
-        layers = [layers]
-    if not isinstance(layers, Sequence) or not layers or not all(isinstance(x, str) for x in layers):
-        raise ValueError(f"layers must be 'last', 'all' or a non-empty list of module names, got {layers!r}")
-    modules = dict(model.named_modules())
-    names: list[str] = []
-    for module_name in layers:
-        if module_name not in modules:
-            some = ", ".join(repr(n) for n in list(modules)[1:9])
-            raise ValueError(f"layers names {module_name!r}, which is not a module of the model (it has {some}, ...)")
-        for n, p in modules[module_name].named_parameters(prefix=module_name):
-            if p.requires_grad and n not in names:
-                names.append(n)
-    if not names:
-        raise ValueError(f"layers={list(layers)!r} holds no trainable parameters")
-    return names, tuple(layers)
 
 
 def labeled_grad(
@@ -216,7 +158,8 @@ def labeled_grad(
     count = 0
     with model_on_device(model, device) as dev, preserved_model_state(model):
         for batch in with_progress(labeled_loader, progress, "fastdal.labeled_grad"):
-            args, kwargs = to_device(split_batch(batch, inputs), dev)
+            batch = to_device(batch, dev)
+            args, kwargs = split_batch(batch, inputs)
             y = to_device(batch_labels(batch, labels), dev)
             if total is None:
                 names, request = covered_parameters(model, layers, partial(find_head, model, args, kwargs, outputs))
@@ -259,7 +202,7 @@ def _closed_form_labeled(
     if found is None:
         return None
     h, logits = found
-    check_labels(y, logits.shape[0], logits.shape[1], first_index)
+    y = check_labels(y, logits.shape[0], logits.shape[1], first_index)
     check_finite(logits, first_index, "labeled")
     weight, bias = last_layer_labeled_grad(h, logits, y, dtype)
     by_local = {"weight": weight, "bias": bias}
@@ -304,9 +247,6 @@ def select(
     Raises:
         ValueError: if ``b`` is not in ``[0, pool size]``, a score is NaN, or the method lacks an input.
     """
-    from . import selection
-    from .features import GradFeatures
-
     if method not in ("topk", "badge", "greedy"):
         raise ValueError(f"method must be 'topk', 'badge' or 'greedy', got {method!r}")
     if isinstance(scores, GradFeatures):
@@ -317,7 +257,7 @@ def select(
             raise ValueError(f"method={method!r} on GradFeatures needs labeled_grad= (G)")
         if method == "greedy":
             return selection.greedy(features, labeled_grad, b, block_size=block_size).indices
-        scores = features.score(labeled_grad, _check_gamma(gamma)).cpu()
+        scores = features.score(labeled_grad, check_gamma(gamma)).cpu()
     elif method != "topk":
         raise ValueError(f"method={method!r} needs the pool's fastdal.GradFeatures (fastdal.features), not scores")
     if isinstance(scores, ScoreResult):
@@ -348,7 +288,7 @@ def query(
     outputs: Callable[[Any], Tensor] | None = None,
 ) -> Tensor:
     """The paper's query: :func:`labeled_grad`, then :func:`score`, then the top-``b`` pool indices."""
-    _check_gamma(gamma)
+    check_gamma(gamma)
     backends.check_runs_here(backends.requested(backend))
     check_loader(pool_loader, "pool_loader", pool=True)
     size = pool_size(pool_loader)

@@ -1,14 +1,14 @@
-"""Reading loaders: what a batch holds, where it goes, and whether a pool loader keeps pool order."""
+"""Reading loaders: what a batch holds, where it goes, how it is cut into samples, and whether a pool
+loader keeps pool order."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils._pytree import tree_map
 from torch.utils.data import DataLoader, SequentialSampler
 from torch.utils.data.sampler import BatchSampler
 
@@ -47,6 +47,74 @@ def pool_size(loader: object) -> int | None:
         except TypeError:
             return None
     return None
+
+
+def map_tensors(fn: Callable[[Tensor], Any], obj: Any) -> Any:
+    """``obj`` with ``fn`` applied to every tensor in it (through mappings, tuples, named tuples and lists)."""
+    if isinstance(obj, Tensor):
+        return fn(obj)
+    if isinstance(obj, Mapping):
+        items = {k: map_tensors(fn, v) for k, v in obj.items()}
+        try:
+            return type(obj)(items)
+        except TypeError:
+            return items
+    if isinstance(obj, tuple) and hasattr(obj, "_fields"):
+        return type(obj)(*(map_tensors(fn, v) for v in obj))
+    if isinstance(obj, (tuple, list)):
+        return type(obj)(map_tensors(fn, v) for v in obj)
+    return obj
+
+
+def tensors_in(obj: Any) -> Iterator[Tensor]:
+    """Every tensor in a batch, in the order :func:`take_samples` visits them."""
+    if isinstance(obj, Tensor):
+        yield obj
+    elif isinstance(obj, Mapping):
+        for v in obj.values():
+            yield from tensors_in(v)
+    elif isinstance(obj, (tuple, list)):
+        for v in obj:
+            yield from tensors_in(v)
+
+
+def batch_length(batch: Any) -> int | None:
+    """How many samples a collated batch holds, as DataLoader lays them out: the leading size of its
+    first tensor of at least one dimension (None if it has none).
+
+    Whether the samples really lie along that dimension is checked where it matters, by the model's
+    number of logits rows (:func:`take_samples` and its callers).
+    """
+    for t in tensors_in(batch):
+        if t.dim() >= 1:
+            return int(t.shape[0])
+    return None
+
+
+def batch_device(batch: Any) -> torch.device | None:
+    """The device of a batch's first tensor (None if it holds none)."""
+    for t in tensors_in(batch):
+        return t.device
+    return None
+
+
+def take_samples(batch: Any, rows: slice | Tensor, length: int) -> Any:
+    """The samples ``rows`` of a collated batch of ``length`` samples, cut before ``inputs=`` is applied.
+
+    Every tensor whose leading size is ``length`` is indexed along dimension 0 (where DataLoader's
+    collation puts the samples); other tensors and values are shared by all samples and kept whole.
+    """
+    return map_tensors(lambda t: t[rows] if t.dim() >= 1 and t.shape[0] == length else t, batch)
+
+
+def check_pool_count(loader: Iterable, scored: int) -> None:
+    """One result per sample of a sized loader: any other count would misalign results and indices."""
+    expected = pool_size(loader)
+    if expected is not None and scored != expected:
+        raise ValueError(
+            f"the model returned {scored} logits rows over a loader of {expected} samples; fastdal needs one row per "
+            "sample (does inputs= or the model move the samples out of the batch dimension of the logits?)"
+        )
 
 
 def split_batch(batch: Any, inputs: InputsFn | None) -> tuple[tuple, dict]:
@@ -89,8 +157,9 @@ def batch_labels(batch: Any, labels: Callable[[Any], Tensor] | None) -> Tensor:
     return value
 
 
-def check_labels(y: Tensor, batch_size: int, num_classes: int, first_index: int) -> None:
-    if y.dtype in (torch.bool,) or y.is_floating_point() or y.is_complex():
+def check_labels(y: Tensor, batch_size: int, num_classes: int, first_index: int) -> Tensor:
+    """The labels as int64 class indices (what torch's losses take), after checking dtype, shape and range."""
+    if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
         raise TypeError(f"labels must be integer class indices, got dtype {y.dtype} (at labeled index {first_index})")
     if y.shape != (batch_size,):
         raise ValueError(
@@ -104,6 +173,7 @@ def check_labels(y: Tensor, batch_size: int, num_classes: int, first_index: int)
             f"label {int(y[i])} at labeled index {first_index + i} is outside [0, {num_classes}) for a model with "
             f"{num_classes} classes"
         )
+    return y.long()
 
 
 def read_logits(output: Any, outputs: Callable[[Any], Tensor] | None) -> Tensor:
@@ -138,7 +208,7 @@ def check_finite(logits: Tensor, first_index: int, what: str) -> None:
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
-    return tree_map(lambda t: t.to(device, non_blocking=True) if isinstance(t, Tensor) else t, obj)
+    return map_tensors(lambda t: t.to(device, non_blocking=True), obj)
 
 
 def with_progress(loader: Iterable, progress: bool | None, desc: str) -> Iterator:

@@ -10,6 +10,7 @@ taken with ``torch.autograd.grad``.
 from __future__ import annotations
 
 import contextlib
+import itertools
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -77,22 +78,48 @@ def preserved_model_state(model: nn.Module, needs_grad: Iterable[nn.Parameter] =
 
 
 @contextlib.contextmanager
-def model_on_device(model: nn.Module, device: torch.device | None) -> Iterator[torch.device]:
+def model_on_device(model: nn.Module, device: torch.device | str | None) -> Iterator[torch.device]:
     """Yield the device to compute on; if ``device`` differs from the model's, move it there and back.
 
     ``Module.to`` swaps ``param.data`` in place, so parameter objects (and optimizers holding them)
-    stay valid, and moving back restores the original device.
+    stay valid, and moving back restores the original device, also when the move itself fails half-way.
+    Devices a model cannot come back from ("meta" holds no values) and models spread over several
+    devices are refused before anything moves.
     """
     home = model_device(model)
-    if device is None or torch.device(device) == home:
+    if device is None:
         yield home
         return
-    target = torch.device(device)
-    model.to(target)
+    target = _checked_device(device)
+    if target == home:
+        yield home
+        return
+    devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
+    if len(devices) > 1:
+        raise ValueError(
+            f"device={device!r}: the model is spread over {sorted(map(str, devices))}; moving it to one device and "
+            "back would not restore that placement. Pass device=None to compute where the model is"
+        )
     try:
+        model.to(target)
         yield target
     finally:
         model.to(home)
+
+
+def _checked_device(device: torch.device | str) -> torch.device:
+    try:
+        target = torch.device(device)
+    except (RuntimeError, TypeError) as err:
+        raise ValueError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}") from err
+    if target.type == "meta":
+        raise ValueError(
+            "device='meta': a model moved to the meta device loses its weights and cannot be moved back; "
+            "pass a device that holds values (e.g. 'cpu' or 'cuda')"
+        )
+    if target.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r}, but CUDA is not available on this machine")
+    return target
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -128,15 +155,20 @@ class Call:
 
     ``edges`` are the outputs' places in the autograd graph taken when the module returned: if the
     model later writes into an output (``out += identity``, ``relu_``), the gradient asked of the edge
-    is still the one of the value the module produced.
+    is still the one of the value the module produced. ``inputs`` are the tensors among the arguments,
+    in ``tree_flatten((args, kwargs))`` order; ``in_dims`` and ``out_dims`` say which dimension of each
+    input and output tensor holds the samples (fastdal/layout.py), once the call has been read.
     """
 
     args: tuple
     kwargs: dict
+    inputs: list[torch.Tensor]
     outputs: list[torch.Tensor]
     versions: list[int]
     edges: list[GradientEdge | None]
     deltas: list[torch.Tensor | None] | None = None
+    in_dims: list | None = None
+    out_dims: list | None = None
 
     def modified_in_place(self) -> bool:
         return any(t._version != v for t, v in zip(self.outputs, self.versions))
@@ -259,9 +291,10 @@ class Recorder:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if not self.recording:
                 return None
+            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
             tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
             edges = [get_gradient_edge(t) if t.grad_fn is not None else None for t in tensors]
-            self.calls[target].append(Call(args, kwargs, tensors, [t._version for t in tensors], edges))
+            self.calls[target].append(Call(args, kwargs, inputs, tensors, [t._version for t in tensors], edges))
             self.order.append(target)
             return None
 
@@ -296,19 +329,23 @@ def reachable_parameters(root: torch.Tensor) -> set[int]:
     return found
 
 
-def batch_dim(t: Any, batch_size: int, feature_dims: int | None) -> int | None:
-    """The dimension of ``t`` that indexes samples, or None if it has none.
-
-    Dimension 0 when its size is the batch size. For layers that accept sequence-first layouts such
-    as ``(T, B, C)`` (``feature_dims`` given: the number of trailing feature dimensions), otherwise the
-    only other leading dimension of that size. ``None`` for ``feature_dims`` allows dimension 0 only.
-    """
-    if not isinstance(t, torch.Tensor) or t.dim() == 0:
-        return None
-    if t.shape[0] == batch_size:
-        return 0
-    if feature_dims is not None:
-        dims = [d for d in range(1, t.dim() - feature_dims) if t.shape[d] == batch_size]
-        if len(dims) == 1:
-            return dims[0]
-    return None
+def edges_feeding(root: torch.Tensor, stops: set[tuple[int, int]]) -> set[tuple[int, int]]:
+    """The edges of ``stops`` (``(id(node), output_nr)``) that ``root`` is computed from through no other
+    edge of ``stops``: a walk of the autograd graph from ``root`` that does not go past a stop."""
+    if root.grad_fn is None:
+        return set()
+    found: set[tuple[int, int]] = set()
+    seen: set[int] = set()
+    stack = [(root.grad_fn, root.output_nr)]
+    while stack:
+        node, nr = stack.pop()
+        if node is None:
+            continue
+        if (id(node), nr) in stops:
+            found.add((id(node), nr))
+            continue
+        if id(node) in seen:
+            continue
+        seen.add(id(node))
+        stack.extend(node.next_functions)
+    return found

@@ -19,21 +19,22 @@ same seed gives the same projection on every machine, device and backend.
 
 from __future__ import annotations
 
+import numbers
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from functools import cache, partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from . import backends, generic, layers, ops
-from .api import accumulation_dtype, covered_parameters
-from .batches import batch_labels, check_loader, split_batch, to_device, with_progress
+from .batches import batch_labels, check_loader, check_pool_count, split_batch, to_device, with_progress
 from .capture import Call, Target, model_on_device, preserved_model_state
+from .coverage import covered_parameters
 from .grads import LabeledGrad
-from .passes import BackwardPass, check_batchnorm_statistics, cpu_pieces, find_head
+from .passes import BackwardPass, check_batchnorm_statistics, find_head, logits_head
+from .results import accumulation_dtype, as_real_number
 from .torch_ops import chunks
 
 
@@ -243,9 +244,10 @@ def features(
     Returns:
         A :class:`GradFeatures` on the compute device, float64 for a float64 model, float32 otherwise.
     """
-    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, int) or rank < 1):
+    rank, seed = as_real_number(rank), as_real_number(seed)
+    if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
         raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
-    if isinstance(seed, bool) or not isinstance(seed, int):
+    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral):
         raise TypeError(f"seed must be an integer, got {type(seed).__name__}")
     backend = backends.requested(backend)
     backends.check_runs_here(backend)
@@ -260,28 +262,24 @@ def features(
     seen = 0
     with model_on_device(model, device) as dev, preserved_model_state(model):
         for batch in with_progress(loader, progress, "fastdal.features"):
-            args, kwargs = to_device(split_batch(batch, inputs), dev)
-            y = to_device(batch_labels(batch, labels), dev) if labeled else None
+            batch = to_device(batch, dev)
             if builder is None:
-                head = cache(partial(find_head, model, args, kwargs, outputs))  # one forward, asked twice
-                names, _ = covered_parameters(model, layers, head)
+                args, kwargs = split_batch(batch, inputs)
+                head = logits_head(model, args, kwargs, outputs)
+                names, _ = covered_parameters(
+                    model, layers, lambda: head if head is not None else find_head(model, args, kwargs, outputs)
+                )
                 for n in names:
                     params[n].requires_grad_(True)
-                has_linear = any(isinstance(m, nn.Linear) for m in model.modules())
-                builder = _Builder(
-                    model,
-                    names,
-                    head() if has_linear else None,
-                    rank,
-                    seed,
-                    accumulation_dtype(params[n] for n in names),
-                    backend,
-                )
-            for _, piece_args, piece_kwargs, piece_y in cpu_pieces(args, kwargs, y):
-                blocks, used = builder(piece_args, piece_kwargs, outputs, seen, piece_y)
+                dtype = accumulation_dtype(params[n] for n in names)
+                builder = _Builder(model, names, head, rank, seed, dtype, backend)
+            for _, piece in builder.pass_.pieces(batch, inputs, outputs):
+                y = batch_labels(piece, labels) if labeled else None
+                blocks, used = builder(piece, inputs, outputs, seen, y)
                 parts.append(blocks)
                 label_parts.append(used)
                 seen += used.shape[0]
+    check_pool_count(loader, seen)
     if builder is None:
         raise ValueError("loader yielded no batches: features need at least one sample")
     blocks = [_concat([p[i] for p in parts]) for i in range(len(parts[0]))]
@@ -311,8 +309,8 @@ class _Builder:
         self.head = head
         self.projects = False
 
-    def __call__(self, args, kwargs, outputs, first_index: int, labels: Tensor | None):
-        calls, logits, used = self.pass_.capture(args, kwargs, outputs, first_index, labels)
+    def __call__(self, batch, inputs, outputs, first_index: int, labels: Tensor | None):
+        calls, logits, used = self.pass_.capture(batch, inputs, outputs, first_index, labels)
         batch_size = logits.shape[0]
         blocks: list[Block] = []
         with torch.no_grad():
@@ -401,7 +399,8 @@ def _positions(target: Target, record: list[Call], batch_size: int, dtype):
         delta = call.deltas[0] if call.deltas else None
         if delta is None:
             continue
-        x = layers.data_input(call).detach()
+        x = call.inputs[0].detach().movedim(call.in_dims[0], 0)
+        delta = delta.movedim(call.out_dims[0], 0)
         if target.kind == "linear":
             a = x.reshape(batch_size, -1, m.in_features).to(dtype)
             d = delta.reshape(batch_size, -1, m.out_features).to(dtype)
@@ -476,7 +475,7 @@ def _per_sample(target: Target, record: list[Call], batch_size: int, dtype) -> d
         total = None
         for call in record:
             if call.deltas and call.deltas[0] is not None:
-                d = call.deltas[0].to(dtype)
+                d = call.deltas[0].movedim(call.out_dims[0], 0).to(dtype)
                 part = (
                     d.reshape(batch_size, -1, m.out_features).sum(1)
                     if target.kind == "linear"

@@ -16,25 +16,14 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad, vmap
 from torch.utils._pytree import tree_flatten, tree_unflatten
 
-from .capture import Call, Target, batch_dim
+from .capture import Call, Target
 from .torch_ops import chunks, sq_and_dot
 
 
-def sample_dim(module: nn.Module, t: object, batch_size: int) -> int | None:
-    """Sample dimension of a generic module's input or output tensor (None: shared by all samples)."""
-    if (
-        getattr(module, "batch_first", True) is False
-        and isinstance(t, Tensor)
-        and t.dim() >= 3
-        and t.shape[1] == batch_size
-    ):
-        return 1  # sequence-first modules (nn.MultiheadAttention, RNNs) take (T, B, ...)
-    return batch_dim(t, batch_size, feature_dims=1)
-
-
 def readable(target: Target, call: Call, batch_size: int) -> bool:
-    """Every output that carries a gradient must have a sample dimension."""
-    return all(sample_dim(target.module, o, batch_size) is not None for o in call.outputs if o.requires_grad)
+    """Every output that carries a gradient holds the samples in one dimension, and no input mixes them."""
+    outputs_ok = all(isinstance(d, int) for o, d in zip(call.outputs, call.out_dims) if o.requires_grad)
+    return outputs_ok and all(d is None or isinstance(d, int) for d in call.in_dims)
 
 
 def _per_sample_gradients(
@@ -42,15 +31,15 @@ def _per_sample_gradients(
 ) -> dict[str, Tensor]:
     """Per-sample gradients ``{local name: (b, *shape)}`` of one call, for the samples in ``samples``."""
     leaves, spec = tree_flatten((call.args, call.kwargs))
+    input_dims = iter(call.in_dims)  # one per tensor leaf, in leaf order
     batched = []  # (leaf index, sample dim, chunk of the tensor)
     for i, leaf in enumerate(leaves):
-        dim = sample_dim(module, leaf, batch_size) if isinstance(leaf, Tensor) else None
+        dim = next(input_dims) if isinstance(leaf, Tensor) else None
         if dim is not None:
             batched.append((i, dim, leaf.detach().narrow(dim, samples.start, samples.stop - samples.start)))
     outs = []  # (output index, sample dim, chunk of its gradient)
-    for j, (o, d) in enumerate(zip(call.outputs, call.deltas or [])):
+    for j, (d, dim) in enumerate(zip(call.deltas or [], call.out_dims)):
         if d is not None:
-            dim = sample_dim(module, o, batch_size)
             outs.append((j, dim, d.narrow(dim, samples.start, samples.stop - samples.start)))
     if not outs:
         return {k: v.new_zeros((samples.stop - samples.start, *v.shape)) for k, v in params.items()}

@@ -17,62 +17,54 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import backends, ops
-from .capture import Call, Target, batch_dim
+from .capture import Call, Target
 from .torch_ops import chunks, sq_and_dot, use_ghost_norm
 
 
 def data_input(call: Call) -> Tensor:
-    """The tensor a closed-form module was called on (its first argument)."""
-    if call.args:
-        return call.args[0]
-    return next(iter(call.kwargs.values()))
+    """The tensor a closed-form module was called on (its first tensor argument)."""
+    return call.inputs[0]
 
 
-# Trailing feature dimensions of (input, output) per kind; None means the sample dimension must be 0.
-def _feature_dims(target: Target) -> tuple[int | None, int | None]:
-    m = target.module
+def feature_dims(target: Target) -> int | None:
+    """Trailing feature dimensions of a closed-form module's input and output (None: the module itself
+    takes dimension 0 as the batch, as convolutions and BatchNorm/GroupNorm do)."""
     if target.kind == "linear":
-        return 1, 1
+        return 1
     if target.kind in ("layernorm", "rmsnorm"):
-        n = len(m.normalized_shape)
-        return n, n
+        return len(target.module.normalized_shape)
     if target.kind == "embedding":
-        return 0, 1
-    return None, None
+        return 0
+    return None
 
 
 def readable(target: Target, call: Call, batch_size: int) -> bool:
-    """Whether this call's input and output both carry the sample dimension (closed-form kinds)."""
-    fin, fout = _feature_dims(target)
-    if len(call.outputs) != 1:
+    """Whether the module computes each sample on its own in this call: its input and its output hold the
+    samples in the same dimension, and that dimension is one the module maps position by position."""
+    if len(call.outputs) != 1 or not call.inputs:
         return False
-    a = data_input(call)
-    return batch_dim(a, batch_size, fin) is not None and batch_dim(call.outputs[0], batch_size, fout) is not None
-
-
-def _batch_first(t: Tensor, batch_size: int, feature_dims: int | None, dtype: torch.dtype | None) -> Tensor:
-    dim = batch_dim(t, batch_size, feature_dims)
-    assert dim is not None  # checked by readable() before any math runs
-    t = t.movedim(dim, 0) if dim else t
-    return t.to(dtype) if dtype is not None else t
+    a, dim, out_dim = call.inputs[0], call.in_dims[0], call.out_dims[0]
+    if not isinstance(dim, int) or dim != out_dim:
+        return False
+    trailing = feature_dims(target)
+    if trailing is None:
+        return dim == 0 and (target.kind != "conv" or a.dim() == target.module.weight.dim())
+    return dim < a.dim() - trailing
 
 
 def _inputs_and_deltas(target: Target, calls: list[Call], batch_size: int, dtype: torch.dtype):
-    """(a, delta) per call, sample dimension first, in ``dtype``; calls whose output got no gradient skipped."""
-    fin, fout = _feature_dims(target)
+    """(a, delta) per call, sample dimension first, in ``dtype``; calls whose output got no gradient skipped.
+
+    Embedding ids keep their integer dtype.
+    """
     pairs = []
     for call in calls:
         delta = call.deltas[0] if call.deltas else None
         if delta is None:
             continue
-        a = data_input(call)
-        keep_ids = target.kind == "embedding"
-        pairs.append(
-            (
-                _batch_first(a, batch_size, fin, None if keep_ids else dtype),
-                _batch_first(delta, batch_size, fout, dtype),
-            )
-        )
+        a = call.inputs[0].movedim(call.in_dims[0], 0)
+        delta = delta.movedim(call.out_dims[0], 0).to(dtype)
+        pairs.append((a if target.kind == "embedding" else a.to(dtype), delta))
     return pairs
 
 
@@ -246,15 +238,20 @@ def _conv_direct_terms(m, pairs, grad: Tensor | None, batch_size: int, dtype: to
     return torch.stack(sq), torch.stack(dot)
 
 
+def _sum_over(x: Tensor, dims: tuple[int, ...]) -> Tensor:
+    # Tensor.sum(dim=()) sums over every dimension; a per-sample sum over no dimension is x itself.
+    return x.sum(dim=dims) if dims else x
+
+
 def _affine_sums(target, pairs, normalize: Callable[[Tensor], Tensor], reduce_dims) -> dict[str, Tensor]:
     """Norm layers' per-sample gradients: weight ``sum_t delta_t * xhat_t``, bias ``sum_t delta_t``."""
     sums: dict[str, Tensor] = {}
     for a, delta in pairs:
         parts = {}
         if "weight" in target.params:
-            parts["weight"] = (delta * normalize(a)).sum(dim=reduce_dims(a))
+            parts["weight"] = _sum_over(delta * normalize(a), reduce_dims(a))
         if "bias" in target.params:
-            parts["bias"] = delta.sum(dim=reduce_dims(a))
+            parts["bias"] = _sum_over(delta, reduce_dims(a))
         for name, part in parts.items():
             sums[name] = part if name not in sums else sums[name] + part
     return sums

@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import importlib
 import math
+import numbers
 from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from . import backends, torch_ops
+from .results import as_real_number
 
 
 class LastLayerScore(NamedTuple):
@@ -70,8 +72,10 @@ def last_layer_score(
     _check_optional("bias_grad", bias_grad, (k,))
     if weight_grad is None and bias_grad is None:
         raise ValueError("last_layer_score needs weight_grad, bias_grad or both")
-    if isinstance(gamma, bool) or not isinstance(gamma, (int, float)) or not math.isfinite(gamma):
+    gamma = as_real_number(gamma)
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma):
         raise ValueError(f"gamma must be a finite number, got {gamma!r}")
+    gamma = float(gamma)
     tensors = [t for t in (h, weight, bias, weight_grad, bias_grad) if t is not None]
     _same_device(tensors)
     name = backends.choose("last_layer_score", backend, tensors)
@@ -128,8 +132,10 @@ def linear_sample_score(
     if delta.dtype != a.dtype:
         raise ValueError(f"a and delta must share a dtype, got {a.dtype} and {delta.dtype}")
     d_out = delta.shape[2]
-    if isinstance(groups, bool) or not isinstance(groups, int) or groups < 1 or n % groups:
+    groups = as_real_number(groups)
+    if isinstance(groups, bool) or not isinstance(groups, numbers.Integral) or groups < 1 or n % groups:
         raise ValueError(f"groups must be a positive integer dividing N={n}, got {groups!r}")
+    groups = int(groups)
     _check_optional("weight_grad", weight_grad, (groups, d_out, d_in))
     if ghost is None:
         ghost = torch_ops.use_ghost_norm(t, d_in, d_out)
@@ -220,10 +226,14 @@ def factored_min_distance(
     for name, t in (("sq_norm", sq_norm), ("min_dist", min_dist)):
         if not isinstance(t, Tensor) or tuple(t.shape) != (n,):
             raise ValueError(f"{name} must be a tensor of shape ({n},), got {_shape(t)}")
-    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+    offset = as_real_number(offset)
+    if isinstance(offset, bool) or not isinstance(offset, numbers.Real) or not math.isfinite(offset):
         raise ValueError(f"offset must be a finite number, got {offset!r}")
-    if isinstance(center, bool) or not isinstance(center, int) or not 0 <= center < n:
+    offset = float(offset)
+    center = as_real_number(center)
+    if isinstance(center, bool) or not isinstance(center, numbers.Integral) or not 0 <= center < n:
         raise ValueError(f"center must be a row index in [0, {n}), got {center!r}")
+    center = int(center)
     tensors = [left, right, sq_norm, min_dist]
     if len({x.dtype for x in tensors}) > 1:
         raise ValueError(f"left, right, sq_norm and min_dist must share a dtype, got {[str(x.dtype) for x in tensors]}")

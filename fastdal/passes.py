@@ -9,15 +9,25 @@ outputs only, so no weight gradient is ever formed.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable
-from typing import NamedTuple
+from collections.abc import Callable, Iterator
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import generic, layers
-from .batches import check_finite, check_labels, read_logits
-from .capture import Call, Plan, Recorder, Target, module_kind, reachable_parameters
+from .batches import batch_device, batch_length, check_finite, check_labels, read_logits, split_batch, take_samples
+from .capture import (
+    Call,
+    Plan,
+    Recorder,
+    Target,
+    edges_feeding,
+    module_kind,
+    preserved_model_state,
+    reachable_parameters,
+)
+from .layout import SampleLayout
 from .ops import last_layer_score
 from .torch_ops import residual
 
@@ -26,23 +36,11 @@ from .torch_ops import residual
 _MAX_REFINEMENTS = 64
 
 
-# On CPU the backward pass runs on pieces of at most this many samples of a batch whose only input
-# is one tensor: per-sample work gains nothing from bigger batches there, while batch-sized
-# activations and output gradients cost memory traffic that smaller pieces keep in cache. Other
-# inputs are never split: only a lone tensor input is known to have the sample dimension first.
+# On CPU the backward pass runs on pieces of at most this many samples: per-sample work gains nothing
+# from bigger batches there, while batch-sized activations and output gradients cost memory traffic that
+# smaller pieces keep in cache. Batches are cut as the loader collated them, before ``inputs=`` is
+# applied, and only when the probes of fastdal/layout.py showed that they can be cut that way.
 CPU_MICRO_BATCH = 32
-
-
-def cpu_pieces(args: tuple, kwargs: dict, labels: Tensor | None = None):
-    """``(offset, args, kwargs, labels)`` of a batch: the batch itself, or pieces of CPU_MICRO_BATCH
-    samples when it is on the CPU and its only input is one tensor."""
-    x = args[0] if len(args) == 1 and not kwargs and isinstance(args[0], Tensor) else None
-    if x is None or x.device.type != "cpu" or x.dim() == 0 or x.shape[0] <= CPU_MICRO_BATCH:
-        yield 0, args, kwargs, labels
-        return
-    for start in range(0, x.shape[0], CPU_MICRO_BATCH):
-        piece = slice(start, start + CPU_MICRO_BATCH)
-        yield start, (x[piece],), {}, None if labels is None else labels[piece]
 
 
 class BatchTerms(NamedTuple):
@@ -80,8 +78,11 @@ class LastLayerPass:
         self.weight_grad = grads.get(target.params.get("weight", ""))
         self.bias_grad = grads.get(target.params.get("bias", ""))
 
-    def __call__(self, args: tuple, kwargs: dict, outputs: Callable | None, first_index: int) -> BatchTerms | None:
+    def __call__(
+        self, batch: Any, inputs: Callable | None, outputs: Callable | None, first_index: int
+    ) -> BatchTerms | None:
         """Terms for the batch, or None when the head's output is not the model's output unchanged."""
+        args, kwargs = split_batch(batch, inputs)
         found = head_input_and_logits(self.model, self.target, args, kwargs, outputs)
         if found is None:
             return None
@@ -96,7 +97,11 @@ def head_input_and_logits(
     model: nn.Module, head: Target, args: tuple, kwargs: dict, outputs: Callable | None
 ) -> tuple[Tensor, Tensor] | None:
     """One no-grad forward; the head's input and the logits if the model returns the head's output
-    unchanged (the closed forms need exactly that), else None."""
+    unchanged (the closed forms need exactly that), else None.
+
+    A Linear maps rows to rows, so when its output is the ``(B, K)`` logits, row ``i`` of its 2-D input
+    is sample ``i``'s: no probe of the layout is needed here.
+    """
     calls, _, logits = forward_recorded(model, [head], args, kwargs, outputs, grad=False)
     record = calls[head]
     if len(record) != 1 or record[0].outputs[0] is not logits or record[0].modified_in_place():
@@ -111,17 +116,33 @@ class BackwardPass:
     def __init__(self, model: nn.Module, grads: dict[str, Tensor], dtype: torch.dtype, backend: str):
         self.model, self.grads, self.dtype, self.backend = model, grads, dtype, backend
         self.plan = Plan(model, grads)
+        self.layout: SampleLayout | None = None
         self.warned: set[str] = set()
 
-    def __call__(self, args: tuple, kwargs: dict, outputs: Callable | None, first_index: int) -> BatchTerms:
-        parts = [
-            self._run(piece_args, piece_kwargs, outputs, first_index + start)
-            for start, piece_args, piece_kwargs, _ in cpu_pieces(args, kwargs)
-        ]
+    def __call__(self, batch: Any, inputs: Callable | None, outputs: Callable | None, first_index: int) -> BatchTerms:
+        parts = [self._run(piece, inputs, outputs, first_index + start) for start, piece in self.pieces(batch, inputs, outputs)]
         return parts[0] if len(parts) == 1 else BatchTerms(*(torch.cat(column) for column in zip(*parts)))
 
-    def _run(self, args: tuple, kwargs: dict, outputs: Callable | None, first_index: int) -> BatchTerms:
-        calls, logits, pseudo = self.capture(args, kwargs, outputs, first_index)
+    def pieces(self, batch: Any, inputs: Callable | None, outputs: Callable | None) -> Iterator[tuple[int, Any]]:
+        """``(offset, piece)``: the batch itself, or pieces of CPU_MICRO_BATCH samples on the CPU when the
+        batch can be cut into samples."""
+        layout = self._layout(batch, inputs, outputs)
+        length = batch_length(batch)
+        device = batch_device(batch)
+        if not layout.splittable or length is None or length <= CPU_MICRO_BATCH or device is None or device.type != "cpu":
+            yield 0, batch
+            return
+        for start in range(0, length, CPU_MICRO_BATCH):
+            yield start, take_samples(batch, slice(start, start + CPU_MICRO_BATCH), length)
+
+    def _layout(self, batch: Any, inputs: Callable | None, outputs: Callable | None) -> SampleLayout:
+        """The sample layout, probed on the first batch and kept for the rest of the pass."""
+        if self.layout is None:
+            self.layout = SampleLayout(self.model, batch, inputs, outputs)
+        return self.layout
+
+    def _run(self, batch: Any, inputs: Callable | None, outputs: Callable | None, first_index: int) -> BatchTerms:
+        calls, logits, pseudo = self.capture(batch, inputs, outputs, first_index)
         batch_size = logits.shape[0]
         sq = torch.zeros(batch_size, dtype=self.dtype, device=logits.device)
         dot = torch.zeros_like(sq)
@@ -138,15 +159,25 @@ class BackwardPass:
         return BatchTerms(sq, dot, pseudo.detach())
 
     def capture(
-        self, args: tuple, kwargs: dict, outputs: Callable | None, first_index: int, labels: Tensor | None = None
+        self,
+        batch: Any,
+        inputs: Callable | None,
+        outputs: Callable | None,
+        first_index: int,
+        labels: Tensor | None = None,
     ) -> tuple[dict[Target, list[Call]], Tensor, Tensor]:
         """One forward and one backward of the cross-entropy at ``labels`` (default: the pseudo labels).
 
-        Returns every target's recorded calls, their ``deltas`` filled, the logits and the labels used.
+        Returns every target's recorded calls, their sample dimensions and ``deltas`` filled, the logits
+        and the labels used.
         """
+        layout = self._layout(batch, inputs, outputs)
+        args, kwargs = split_batch(batch, inputs)
         for _ in range(_MAX_REFINEMENTS):
             targets = list(self.plan.targets.values())
             calls, _, logits = forward_recorded(self.model, targets, args, kwargs, outputs, grad=True)
+            _check_rows(layout, batch, logits, first_index)
+            layout.annotate(calls, batch, logits.shape[0], _feature_dims)
             if not self._refine(calls, logits):
                 break
         else:
@@ -156,7 +187,7 @@ class BackwardPass:
             check_finite(logits, first_index, "pool")
             labels = logits.argmax(dim=1)
         else:
-            check_labels(labels, logits.shape[0], logits.shape[1], first_index)
+            labels = check_labels(labels, logits.shape[0], logits.shape[1], first_index)
             check_finite(logits, first_index, "labeled")
         self._backward(calls, logits, residual(logits, labels, self.dtype))
         return calls, logits, labels
@@ -213,21 +244,62 @@ class BackwardPass:
                 )
 
 
-def find_head(model: nn.Module, args: tuple, kwargs: dict, outputs: Callable | None) -> str:
-    """Name of the model's final ``nn.Linear``: the one whose output is the model's output, else the
-    last one called."""
+def _feature_dims(target: Target) -> int | None:
+    # A generic module's tensors are taken to end in one feature dimension when sizes must decide.
+    return 1 if target.kind == "generic" else layers.feature_dims(target)
+
+
+def _check_rows(layout: SampleLayout, batch: Any, logits: Tensor, first_index: int) -> None:
+    """A batch that can be cut into samples must give one logits row per sample: anything else would
+    misalign scores and pool indices."""
+    length = batch_length(batch)
+    if layout.splittable and logits.shape[0] != length:
+        raise ValueError(
+            f"the model returned {logits.shape[0]} logits rows for a batch of {length} samples (starting at index "
+            f"{first_index}); fastdal needs one row per sample"
+        )
+
+
+def logits_head(model: nn.Module, args: tuple, kwargs: dict, outputs: Callable | None) -> str | None:
+    """Name of the ``nn.Linear`` the logits are computed from, proven from their autograd graph.
+
+    One forward with grad (the Linear weights temporarily require it, so that the graph exists) records
+    every Linear call; the walk back from the logits stops at the first Linear outputs it meets. Exactly
+    one module there is the head; none gives None; several (an ensemble of heads, a skip connection
+    around the head) have no single last layer and raise.
+    """
     linears = [Target(name, m, "linear") for name, m in model.named_modules() if module_kind(m) == "linear"]
-    calls, order, logits = forward_recorded(model, linears, args, kwargs, outputs, grad=False)
-    for target in linears:
-        if any(call.outputs and call.outputs[0] is logits for call in calls[target]):
-            return target.name
-    if order:
-        return order[-1].name
-    raise ValueError(
-        "layers='last' needs a final nn.Linear, but the model called no nn.Linear "
-        f"({'it has none' if not linears else 'none of its nn.Linear modules ran'}); "
-        "use layers='all' or a list of module names"
-    )
+    if not linears:
+        return None
+    weights = [p for t in linears for p in t.module.parameters(recurse=False)]
+    with preserved_model_state(model, weights):
+        calls, _, logits = forward_recorded(model, linears, args, kwargs, outputs, grad=True)
+        owner = {
+            (id(call.edges[0].node), call.edges[0].output_nr): target
+            for target in linears
+            for call in calls[target]
+            if call.edges and call.edges[0] is not None
+        }
+        heads = sorted({owner[edge].name for edge in edges_feeding(logits, set(owner))})
+    if len(heads) > 1:
+        raise ValueError(
+            f"layers='last': the logits are computed from several nn.Linear modules ({', '.join(heads)}) with no "
+            "single last one; pass layers=[...] with the module names to cover"
+        )
+    return heads[0] if heads else None
+
+
+def find_head(model: nn.Module, args: tuple, kwargs: dict, outputs: Callable | None) -> str:
+    """Name of the model's final ``nn.Linear`` (:func:`logits_head`); a clear error when there is none."""
+    name = logits_head(model, args, kwargs, outputs)
+    if name is None:
+        has_linear = any(module_kind(m) == "linear" for m in model.modules())
+        raise ValueError(
+            "layers='last' needs a final nn.Linear whose output the logits are computed from, but "
+            f"{'no nn.Linear of the model reaches the logits' if has_linear else 'the model has no nn.Linear'}; "
+            "use layers='all' or a list of module names"
+        )
+    return name
 
 
 def labeled_batch_grads(
@@ -243,7 +315,7 @@ def labeled_batch_grads(
     params = dict(model.named_parameters())
     with torch.enable_grad():
         logits = read_logits(model(*args, **kwargs), outputs)
-        check_labels(labels, logits.shape[0], logits.shape[1], first_index)
+        labels = check_labels(labels, logits.shape[0], logits.shape[1], first_index)
         check_finite(logits, first_index, "labeled")
         # Low-precision logits go through the loss in float32, as the accumulation is float32.
         z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits

@@ -5,8 +5,9 @@ Every sample goes through the model alone (a batch of one), its cross-entropy gr
 formed from it directly. Nothing is clever here on purpose. With ``dtype=torch.float64`` it runs on a
 float64 copy of the model with floating-point inputs cast to float64; the model itself is not touched.
 
-Batches are split into samples along dimension 0 of every input tensor whose leading size is the
-batch size (taken from the first input tensor).
+Batches are cut into samples as the loader collated them (:func:`fastdal.batches.take_samples`: along
+dimension 0 of every tensor of the batch's leading size), and only then handed to ``inputs=``; a
+sample that does not give exactly one logits row is an error.
 """
 
 from __future__ import annotations
@@ -18,22 +19,24 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils._pytree import tree_flatten, tree_map
-
-from .api import ScoreResult, _check_gamma, accumulation_dtype, covered_parameters
 from .batches import (
     batch_labels,
+    batch_length,
+    map_tensors,
     check_finite,
     check_labels,
     check_loader,
     read_logits,
     split_batch,
+    take_samples,
     to_device,
     with_progress,
 )
 from .capture import model_on_device, preserved_model_state
+from .coverage import covered_parameters
 from .grads import LabeledGrad, as_grad_dict
 from .passes import find_head
+from .results import ScoreResult, accumulation_dtype, check_gamma
 
 
 def _working_model(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
@@ -43,21 +46,27 @@ def _working_model(model: nn.Module, dtype: torch.dtype | None) -> nn.Module:
 def _cast_inputs(obj: Any, dtype: torch.dtype | None) -> Any:
     if dtype is None:
         return obj
-    return tree_map(lambda t: t.to(dtype) if isinstance(t, Tensor) and t.is_floating_point() else t, obj)
+    return map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, obj)
 
 
-def _samples(args: tuple, kwargs: dict) -> Iterable[tuple[tuple, dict]]:
-    """Split a batch's model arguments into batches of one sample each."""
-    leaves = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor)]
-    if not leaves:
-        raise TypeError("the reference needs at least one input tensor to split the batch into samples")
-    n = leaves[0].shape[0]
-    for i in range(n):
-        yield tree_map(partial(_one_sample, i=i, n=n), (args, kwargs))
+def _samples(batch: Any) -> Iterable[Any]:
+    """The samples of a collated batch, each as a batch of one."""
+    length = batch_length(batch)
+    if length is None:
+        raise TypeError("the reference needs at least one tensor in each batch to cut it into samples")
+    for i in range(length):
+        yield take_samples(batch, slice(i, i + 1), length)
 
 
-def _one_sample(t: Any, i: int, n: int) -> Any:
-    return t[i : i + 1] if isinstance(t, Tensor) and t.dim() and t.shape[0] == n else t
+def _sample_logits(work: nn.Module, sample: Any, inputs, outputs, index: int) -> Tensor:
+    args, kwargs = split_batch(sample, inputs)
+    logits = read_logits(work(*args, **kwargs), outputs)
+    if logits.shape[0] != 1:
+        raise ValueError(
+            f"cut from its batch along dimension 0, sample {index} gave {logits.shape[0]} logits rows instead of one: "
+            "the reference needs batches collated with the samples in dimension 0 (rearrange them with inputs=)"
+        )
+    return logits
 
 
 def _flat_grad(loss: Tensor, params: list[nn.Parameter]) -> Tensor:
@@ -79,7 +88,7 @@ def score(
     return_components: bool = False,
 ) -> Tensor | ScoreResult:
     """Same contract as :func:`fastdal.score`, one sample at a time; ``dtype`` runs a converted copy."""
-    gamma = _check_gamma(gamma)
+    gamma = check_gamma(gamma)
     check_loader(pool_loader, "pool_loader", pool=True)
     grads = as_grad_dict(labeled_grad, model)
     out_dtype = accumulation_dtype(dict(model.named_parameters())[n] for n in grads)
@@ -95,10 +104,9 @@ def score(
             p.requires_grad_(True)
         flat_g = torch.cat([grads[n].to(device=dev, dtype=params_by_name[n].dtype).reshape(-1) for n in names])
         for batch in with_progress(pool_loader, progress, "fastdal.reference.score"):
-            args, kwargs = _cast_inputs(to_device(split_batch(batch, inputs), dev), dtype)
-            for sample_args, sample_kwargs in _samples(args, kwargs):
+            for sample in _samples(_cast_inputs(to_device(batch, dev), dtype)):
                 with torch.enable_grad():
-                    logits = read_logits(work(*sample_args, **sample_kwargs), outputs)
+                    logits = _sample_logits(work, sample, inputs, outputs, len(sq_list))
                     check_finite(logits, len(sq_list), "pool")
                     pseudo = logits.argmax(dim=1)
                     loss = nn.functional.cross_entropy(logits, pseudo, reduction="sum")
@@ -134,19 +142,19 @@ def labeled_grad(
     count = 0
     with model_on_device(work, device) as dev, preserved_model_state(work, []):
         for batch in with_progress(labeled_loader, progress, "fastdal.reference.labeled_grad"):
-            args, kwargs = _cast_inputs(to_device(split_batch(batch, inputs), dev), dtype)
-            y = to_device(batch_labels(batch, labels), dev)
+            batch = _cast_inputs(to_device(batch, dev), dtype)
             if total is None:
+                args, kwargs = split_batch(batch, inputs)
                 names, request = covered_parameters(work, layers, partial(find_head, work, args, kwargs, outputs))
                 for n in names:
                     params_by_name[n].requires_grad_(True)
                 acc = accumulation_dtype(params_by_name[n] for n in names)
                 total = {n: torch.zeros_like(params_by_name[n], dtype=acc) for n in names}
-            for i, (sample_args, sample_kwargs) in enumerate(_samples(args, kwargs)):
+            for sample in _samples(batch):
                 with torch.enable_grad():
-                    logits = read_logits(work(*sample_args, **sample_kwargs), outputs)
-                    check_labels(y[i : i + 1], 1, logits.shape[1], count)
-                    loss = nn.functional.cross_entropy(logits, y[i : i + 1], reduction="sum")
+                    logits = _sample_logits(work, sample, inputs, outputs, count)
+                    y = check_labels(batch_labels(sample, labels), 1, logits.shape[1], count)
+                    loss = nn.functional.cross_entropy(logits, y, reduction="sum")
                     grads = torch.autograd.grad(loss, [params_by_name[n] for n in total], allow_unused=True)
                 for n, g in zip(total, grads):
                     if g is not None:

@@ -23,6 +23,7 @@ from torch import Tensor
 from . import ops
 from .features import FactoredBlock, GradFeatures
 from .grads import LabeledGrad
+from .results import as_real_number
 
 
 class GreedyResult(NamedTuple):
@@ -34,6 +35,7 @@ class GreedyResult(NamedTuple):
 
 
 def check_budget(b: object, n: int) -> int:
+    b = as_real_number(b)
     if isinstance(b, bool) or not isinstance(b, numbers.Integral):
         raise TypeError(f"b must be an integer, got {type(b).__name__}")
     if not 0 <= b <= n:
@@ -102,6 +104,7 @@ def greedy(
     """
     n = len(features)
     b = check_budget(b, n)
+    block_size = as_real_number(block_size)
     if isinstance(block_size, bool) or not isinstance(block_size, numbers.Integral) or block_size < 1:
         raise ValueError(f"block_size must be a positive integer, got {block_size!r}")
     sq_norm = features.sq_norm()
