@@ -65,7 +65,7 @@ class CallLayout:
 
 
 class LayoutError(ValueError):
-    pass
+    """The samples of a tensor cannot be located: raised with what to change."""
 
 
 class SampleLayout:
@@ -80,6 +80,7 @@ class SampleLayout:
         self.model, self.inputs, self.outputs = model, inputs, outputs
         self.reason = ""
         self.calls: dict[tuple[str, int], CallLayout] = {}
+        self._reprobed: Any = None
         self.splittable = self._probe(batch)
 
     def annotate(
@@ -97,30 +98,25 @@ class SampleLayout:
         if not self.splittable:
             self._annotate_from_sizes(calls, batch_size, feature_dims)
             return
-        unknown = self._annotate_probed(calls, batch_size)
-        if unknown is None:
-            return
-        # This batch calls a module in a way the probes did not see (another branch, another rank):
-        # probe again, on this batch.
-        if self._probe(batch):
-            unknown = self._annotate_probed(calls, batch_size)
-        if unknown is not None:
-            raise LayoutError(
-                f"module {unknown.name or '<model>'!r} ({type(unknown.module).__name__}) is called differently on a "
-                f"batch of {batch_size} samples than on {' and '.join(map(str, PROBE_SIZES))} samples cut from it, so "
-                "fastdal cannot tell which dimension of its tensors holds the samples"
-                + (f" ({self.reason})" if self.reason else "")
-            )
+        if not self._annotate_probed(calls, batch_size) and batch is not self._reprobed:
+            # This batch calls a module in a way the probes did not see (another branch, another rank):
+            # probe again, once, on this batch. A call still unknown is not read per sample (its
+            # parameters go to the parent module).
+            self._reprobed = batch
+            self._probe(batch)
+            self._annotate_probed(calls, batch_size)
 
-    def _annotate_probed(self, calls: dict[Target, list[Call]], batch_size: int) -> Target | None:
-        """Dimensions from the probes; returns the first target with a call the probes did not see."""
+    def _annotate_probed(self, calls: dict[Target, list[Call]], batch_size: int) -> bool:
+        """Dimensions from the probes; False if some call was not seen by them (marked MIXED)."""
+        complete = True
         for target, record in calls.items():
             for index, call in enumerate(record):
                 found = self.dims(target.name, index, call.inputs, call.outputs, batch_size)
                 if found is None:
-                    return target
+                    complete = False
+                    found = [MIXED] * len(call.inputs), [MIXED] * len(call.outputs)
                 call.in_dims, call.out_dims = found
-        return None
+        return complete
 
     def _annotate_from_sizes(
         self, calls: dict[Target, list[Call]], batch_size: int, feature_dims: Callable[[Target], int | None]
@@ -134,8 +130,8 @@ class SampleLayout:
                 )
 
     def _probe(self, batch: Any) -> bool:
+        """Run the probes on ``batch``; adds what they show to ``calls``. False if the batch cannot be cut."""
         inputs, outputs = self.inputs, self.outputs
-        self.calls = {}
         length = batch_length(batch)
         if length is None:
             self.reason = "its batches hold no tensor to cut into samples"
