@@ -111,7 +111,9 @@ def _checked_device(device: torch.device | str) -> torch.device:
     try:
         target = torch.device(device)
     except (RuntimeError, TypeError) as err:
-        raise ValueError(f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}") from err
+        raise ValueError(
+            f"device must be a torch.device or a device string such as 'cpu' or 'cuda:0', got {device!r}"
+        ) from err
     if target.type == "meta":
         raise ValueError(
             "device='meta': a model moved to the meta device loses its weights and cannot be moved back; "

@@ -23,6 +23,7 @@ import numbers
 import zlib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from functools import partial
 from typing import Any
 
 import torch
@@ -266,9 +267,11 @@ def features(
             if builder is None:
                 args, kwargs = split_batch(batch, inputs)
                 head = logits_head(model, args, kwargs, outputs)
-                names, _ = covered_parameters(
-                    model, layers, lambda: head if head is not None else find_head(model, args, kwargs, outputs)
+                # find_head runs again only to raise its error when layers="last" finds no head.
+                named_head = (
+                    partial(str, head) if head is not None else partial(find_head, model, args, kwargs, outputs)
                 )
+                names, _ = covered_parameters(model, layers, named_head)
                 for n in names:
                     params[n].requires_grad_(True)
                 dtype = accumulation_dtype(params[n] for n in names)

@@ -173,7 +173,10 @@ class SampleLayout:
         known = self.calls.get((name, index))
         if known is None or len(known.inputs) != len(inputs) or len(known.outputs) != len(outputs):
             return None
-        for tensors, shapes, dims in ((inputs, known.input_shapes, known.inputs), (outputs, known.output_shapes, known.outputs)):
+        for tensors, shapes, dims in (
+            (inputs, known.input_shapes, known.inputs),
+            (outputs, known.output_shapes, known.outputs),
+        ):
             for t, shape, dim in zip(tensors, shapes, dims):
                 if not _fits(t, shape, dim, batch_size):
                     return None
@@ -234,9 +237,7 @@ def _hooks_on_every_module(model: nn.Module, hook_for: Callable[[str], Callable]
             handle.remove()
 
 
-def dims_from_sizes(
-    t: Tensor, batch_size: int, feature_dims: int | None, module_name: str, reason: str
-) -> SampleDim:
+def dims_from_sizes(t: Tensor, batch_size: int, feature_dims: int | None, module_name: str, reason: str) -> SampleDim:
     """Sample dimension of ``t`` when the batch could not be probed: the one dimension of the batch size
     before the ``feature_dims`` trailing ones (at least one dimension is left to hold samples; None:
     dimension 0 only). Several such dimensions: a :class:`LayoutError`."""

@@ -120,7 +120,10 @@ class BackwardPass:
         self.warned: set[str] = set()
 
     def __call__(self, batch: Any, inputs: Callable | None, outputs: Callable | None, first_index: int) -> BatchTerms:
-        parts = [self._run(piece, inputs, outputs, first_index + start) for start, piece in self.pieces(batch, inputs, outputs)]
+        parts = [
+            self._run(piece, inputs, outputs, first_index + start)
+            for start, piece in self.pieces(batch, inputs, outputs)
+        ]
         return parts[0] if len(parts) == 1 else BatchTerms(*(torch.cat(column) for column in zip(*parts)))
 
     def pieces(self, batch: Any, inputs: Callable | None, outputs: Callable | None) -> Iterator[tuple[int, Any]]:
@@ -129,7 +132,13 @@ class BackwardPass:
         layout = self._layout(batch, inputs, outputs)
         length = batch_length(batch)
         device = batch_device(batch)
-        if not layout.splittable or length is None or length <= CPU_MICRO_BATCH or device is None or device.type != "cpu":
+        if (
+            not layout.splittable
+            or length is None
+            or length <= CPU_MICRO_BATCH
+            or device is None
+            or device.type != "cpu"
+        ):
             yield 0, batch
             return
         for start in range(0, length, CPU_MICRO_BATCH):

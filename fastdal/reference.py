@@ -19,13 +19,14 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+
 from .batches import (
     batch_labels,
     batch_length,
-    map_tensors,
     check_finite,
     check_labels,
     check_loader,
+    map_tensors,
     read_logits,
     split_batch,
     take_samples,

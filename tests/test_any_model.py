@@ -10,12 +10,13 @@ import pathlib
 import numpy as np
 import pytest
 import torch
-from conftest import relative_error
-from helpers import assert_same_state, materialized_gradients, snapshot
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastdal
+
+from conftest import relative_error
+from helpers import assert_same_state, materialized_gradients, snapshot
 
 
 def _pool_and_labeled(x, classes, batch_size, n_labeled):
@@ -82,7 +83,7 @@ def test_norm_layers_on_rank_two_inputs(norm):
     model = NormMLP(_randomized(norm())).double().eval()
     x = torch.randn(17, 5, dtype=torch.float64)
     labeled, pool = _pool_and_labeled(x, 3, 4, 6)
-    g, _ = _assert_exact(model, labeled, pool, "all")
+    _g, _ = _assert_exact(model, labeled, pool, "all")
     features = fastdal.features(model, pool, layers="all", rank=64)  # full rank: every projection the identity
     per_sample = materialized_gradients(model, x[6:], features.names)
     assert relative_error(features.gram(), per_sample @ per_sample.T) < 1e-9
@@ -410,7 +411,9 @@ def test_zero_dimensional_tensors_work_where_numbers_do():
     result = fastdal.score(model, pool, g, return_components=True)
     assert torch.equal(result.with_gamma(torch.tensor(1.5)), result.with_gamma(1.5))
     features = fastdal.features(model, pool, rank=torch.tensor(4), seed=torch.tensor(0))
-    assert torch.equal(fastdal.select(features, torch.tensor(2), method="badge"), fastdal.select(features, 2, method="badge"))
+    assert torch.equal(
+        fastdal.select(features, torch.tensor(2), method="badge"), fastdal.select(features, 2, method="badge")
+    )
     for bad in (torch.tensor(1.5), torch.tensor([3]), torch.tensor(True)):
         with pytest.raises((TypeError, ValueError), match="b must be"):
             fastdal.select(as_number, bad)
@@ -427,10 +430,14 @@ def _package_imports(path: pathlib.Path, package: pathlib.Path) -> set[str]:
     found = set()
     for node in ast.walk(ast.parse(path.read_text())):
         if isinstance(node, ast.ImportFrom) and node.level:
-            base = module[: len(module) - node.level] if path.name != "__init__.py" else module[: len(module) - node.level + 1]
+            base = (
+                module[: len(module) - node.level]
+                if path.name != "__init__.py"
+                else module[: len(module) - node.level + 1]
+            )
             stem = base + tuple(node.module.split(".")) if node.module else base
             if node.module is None:
-                found.update(".".join(stem + (alias.name,)) for alias in node.names)
+                found.update(".".join((*stem, alias.name)) for alias in node.names)
             else:
                 found.add(".".join(stem))
         elif isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("fastdal"):
@@ -447,7 +454,9 @@ def test_no_import_circle_inside_fastdal():
         if path.name == "__init__.py":
             continue
         name = f"fastdal.{path.stem}"
-        graph[name] = {m for m in _package_imports(path, package) if m in {f"fastdal.{p.stem}" for p in package.glob("*.py")}}
+        graph[name] = {
+            m for m in _package_imports(path, package) if m in {f"fastdal.{p.stem}" for p in package.glob("*.py")}
+        }
     assert "fastdal.features" in graph["fastdal.api"], "the import scan must see the package's imports"
     state: dict[str, int] = {}
 
@@ -455,9 +464,9 @@ def test_no_import_circle_inside_fastdal():
         state[node] = 1
         for nxt in sorted(graph.get(node, set())):
             if state.get(nxt) == 1:
-                raise AssertionError(f"import circle: {' -> '.join(path + [nxt])}")
+                raise AssertionError(f"import circle: {' -> '.join([*path, nxt])}")
             if nxt not in state:
-                visit(nxt, path + [nxt])
+                visit(nxt, [*path, nxt])
         state[node] = 2
 
     for node in sorted(graph):
