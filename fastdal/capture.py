@@ -157,7 +157,10 @@ class Call:
 
     ``edges`` are the outputs' places in the autograd graph taken when the module returned: if the
     model later writes into an output (``out += identity``, ``relu_``), the gradient asked of the edge
-    is still the one of the value the module produced. ``inputs`` are the tensors among the arguments,
+    is still the one of the value the module produced. An output that is a view of a tensor the module
+    made (``nn.Linear`` on 3-D inputs returns a view of its 2-D product) is asked through that tensor's
+    edge, since an in-place write into the view re-roots the view's own history and leaves its old edge
+    off the path to the loss; ``views`` then says how to read the output's gradient out of it. ``inputs`` are the tensors among the arguments,
     in ``tree_flatten((args, kwargs))`` order; ``in_dims`` and ``out_dims`` say which dimension of each
     input and output tensor holds the samples (fastdal/layout.py), once the call has been read.
     """
@@ -168,6 +171,7 @@ class Call:
     outputs: list[torch.Tensor]
     versions: list[int]
     edges: list[GradientEdge | None]
+    views: list[tuple | None] = field(default_factory=list)
     deltas: list[torch.Tensor | None] | None = None
     in_dims: list | None = None
     out_dims: list | None = None
@@ -295,8 +299,13 @@ class Recorder:
                 return None
             inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
             tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-            edges = [get_gradient_edge(t) if t.grad_fn is not None else None for t in tensors]
-            self.calls[target].append(Call(args, kwargs, inputs, tensors, [t._version for t in tensors], edges))
+            edges, views = [], []
+            for t in tensors:
+                source, view = _produced_value(t, inputs)
+                edges.append(get_gradient_edge(source) if source.grad_fn is not None else None)
+                views.append(view)
+            versions = [t._version for t in tensors]
+            self.calls[target].append(Call(args, kwargs, inputs, tensors, versions, edges, views))
             self.order.append(target)
             return None
 
@@ -329,6 +338,21 @@ def reachable_parameters(root: torch.Tensor) -> set[int]:
             found.add(id(variable))
         stack.extend(next_node for next_node, _ in node.next_functions)
     return found
+
+
+def _produced_value(t: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.Tensor, tuple | None]:
+    """The tensor whose gradient edge stands for output ``t``, and how ``t`` sits in it.
+
+    ``t`` itself, unless it is a view covering the whole of a contiguous tensor made inside the call
+    (not one of the call's inputs, which other parts of the model may use too): then that tensor, and
+    ``(size, stride, offset)`` of ``t`` within it.
+    """
+    base = t._base
+    if base is None or base.grad_fn is None or base.numel() != t.numel() or not base.is_contiguous():
+        return t, None
+    if any(base is x or base is x._base for x in inputs):
+        return t, None
+    return base, (t.size(), t.stride(), t.storage_offset() - base.storage_offset())
 
 
 def edges_feeding(root: torch.Tensor, stops: set[tuple[int, int]]) -> set[tuple[int, int]]:

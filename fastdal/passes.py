@@ -237,9 +237,12 @@ class BackwardPass:
             grads = torch.autograd.grad(logits, edges, grad_outputs=seed.to(logits.dtype), allow_unused=True)
         for record in calls.values():
             for call in record:
-                call.deltas = [
-                    None if edge is None else grads[wanted[(id(edge.node), edge.output_nr)]] for edge in call.edges
-                ]
+                call.deltas = []
+                for edge, view in zip(call.edges, call.views):
+                    delta = None if edge is None else grads[wanted[(id(edge.node), edge.output_nr)]]
+                    if delta is not None and view is not None:
+                        delta = delta.contiguous().as_strided(*view)  # the output's part of its base's gradient
+                    call.deltas.append(delta)
 
     def _warn_generic(self) -> None:
         for target in self.plan.targets.values():

@@ -472,3 +472,30 @@ def test_no_import_circle_inside_fastdal():
     for node in sorted(graph):
         if node not in state:
             visit(node, [node])
+
+
+# --------------------------------------------------------------------------------------------------
+# Found by the fuzz suite: a Linear on 3-D inputs returns a view, then written in place
+# --------------------------------------------------------------------------------------------------
+
+
+class InPlaceAfterLinearView(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.lin = nn.Linear(3, 3)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, x):  # (B, T, 3): nn.Linear returns a view of its 2-D product
+        h = self.lin(x)
+        h += x  # re-roots the view's history
+        return self.head(torch.relu_(self.lin(h)).mean(1))
+
+
+def test_in_place_write_into_a_linear_view_keeps_its_terms():
+    model = InPlaceAfterLinearView().double().eval()
+    x = torch.randn(13, 2, 3, dtype=torch.float64)
+    labeled, pool = _pool_and_labeled(x, 2, 4, 5)
+    _assert_exact(model, labeled, pool, "all")
+    features = fastdal.features(model, pool, layers="all", rank=64)
+    per_sample = materialized_gradients(model, x[5:], features.names)
+    assert relative_error(features.gram(), per_sample @ per_sample.T) < 1e-9
