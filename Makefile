@@ -1,7 +1,7 @@
 # The two set-up commands of the README: `make demo` and `make test`. Each installs what it needs.
 PYTHON ?= python3
 
-.PHONY: deps install test demo bench cmake lint
+.PHONY: deps install test fuzz demo bench cmake lint
 
 # torch 2.13.0 (CPU) is installed only where no torch is present, so that a CUDA build already on a
 # GPU machine is used as it is; likewise triton (3.7.1 pairs with torch 2.13). The other packages do
@@ -9,8 +9,8 @@ PYTHON ?= python3
 deps:
 	@$(PYTHON) -c "import torch" 2>/dev/null || $(PYTHON) -m pip install torch==2.13.0
 	@$(PYTHON) -c "import triton" 2>/dev/null || $(PYTHON) -m pip install triton==3.7.1
-	@$(PYTHON) -c "import numpy, tqdm, sklearn, pytest, pytest_benchmark, matplotlib, mlxtend" 2>/dev/null || \
-		$(PYTHON) -m pip install numpy tqdm scikit-learn pytest pytest-benchmark matplotlib mlxtend
+	@$(PYTHON) -c "import numpy, tqdm, sklearn, pytest, pytest_benchmark, matplotlib, mlxtend, hypothesis" 2>/dev/null || \
+		$(PYTHON) -m pip install numpy tqdm scikit-learn pytest pytest-benchmark matplotlib mlxtend hypothesis
 
 install: deps
 	$(PYTHON) -m pip install -e . --no-build-isolation --no-deps
@@ -18,6 +18,10 @@ install: deps
 # Builds fastdal._C in place, so that the tests exercise the compiled backends.
 test: install
 	$(PYTHON) -m pytest -q
+
+# The property-based exactness suite with 5000 fresh examples (make test replays a fixed 300).
+fuzz: install
+	HYPOTHESIS_PROFILE=fuzz $(PYTHON) -m pytest -q tests/test_fuzz.py
 
 # The demo ends with a short active-learning run (2 strategies, 2 seeds, 3 rounds on digits).
 demo: deps

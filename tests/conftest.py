@@ -29,3 +29,23 @@ def _seed():
     random.seed(0)
     np.random.seed(0)
     torch.manual_seed(0)
+
+
+# Hypothesis profiles of the property-based suite (tests/test_fuzz.py). "default" (make test) replays
+# the same 300 examples on every run, so a failure is never a matter of luck; "fuzz" (make fuzz, or
+# HYPOTHESIS_PROFILE=fuzz) draws 5000 fresh ones. Examples run whole models, so there is no deadline;
+# print_blob gives the @reproduce_failure line of a failure; no example database is written into the
+# working tree.
+from hypothesis import HealthCheck, settings  # noqa: E402
+
+settings.register_profile(
+    "default",
+    derandomize=True,
+    deadline=None,
+    max_examples=300,
+    print_blob=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
+settings.register_profile("fuzz", parent=settings.get_profile("default"), derandomize=False, max_examples=5000)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
