@@ -160,9 +160,10 @@ class Call:
     is still the one of the value the module produced. An output that is a view of a tensor the module
     made (``nn.Linear`` on 3-D inputs returns a view of its 2-D product) is asked through that tensor's
     edge, since an in-place write into the view re-roots the view's own history and leaves its old edge
-    off the path to the loss; ``views`` then says how to read the output's gradient out of it. ``inputs`` are the tensors among the arguments,
-    in ``tree_flatten((args, kwargs))`` order; ``in_dims`` and ``out_dims`` say which dimension of each
-    input and output tensor holds the samples (fastdal/layout.py), once the call has been read.
+    off the path to the loss; ``views`` then says how to read the output's gradient out of it.
+    ``inputs`` are the tensors among the arguments, in ``tree_flatten((args, kwargs))`` order; ``in_dims``
+    and ``out_dims`` say which dimension of each input and output tensor holds the samples
+    (fastdal/layout.py), once the call has been read.
     """
 
     args: tuple

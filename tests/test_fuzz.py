@@ -28,11 +28,12 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from fuzz_models import Spec, build, specs
 from hypothesis import assume, given
 from hypothesis.errors import UnsatisfiedAssumption
 
 import fastdal
+
+from fuzz_models import Spec, build, specs
 
 TOLERANCE = 1e-8
 # Scale floor of the relative error. The models' weights, inputs and activations are of order one, so
