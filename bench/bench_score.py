@@ -166,7 +166,7 @@ def main() -> None:
         "date": time.strftime("%Y-%m-%d"),
         "results": results,
     }
-    print(f"device: {device_name} ({report['machine']}), torch {torch.__version__}, {rounds} rounds\n")
+    print(f"device: {report['device']} ({report['machine']}), torch {torch.__version__}, {rounds} rounds\n")
     print(table(results))
     if not args.quick:
         RESULTS.mkdir(exist_ok=True)
