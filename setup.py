@@ -23,6 +23,11 @@ def extension_build() -> dict:
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
     if torch.version.cuda is not None and CUDA_HOME is not None:
+        # Name the GPU architectures: unset, torch's cpp_extension builds for the GPUs it sees (none on
+        # a build machine without one, where it falls back to a long list of old ones). The kernels'
+        # tensor-core paths (TF32 WMMA) need sm_80+, so build native code for A100 (8.0) and H100/H200
+        # (9.0), plus 9.0 PTX that newer GPUs JIT-compile. Set TORCH_CUDA_ARCH_LIST to override.
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
         extension = CUDAExtension(
             "fastdal._C",
             sources + sorted(glob.glob("csrc/cuda/*.cu")),

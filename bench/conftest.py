@@ -49,7 +49,7 @@ def records():
         speed = row.get("speedup_over_torch")
         print(
             f"  {row['case']:55s} {row['backend']:7s} {row['seconds_median'] * 1e3:9.2f} ms"
-            f"  {'' if speed is None else f'{speed:5.2f}x torch'}  peak +{row['peak_extra_bytes'] / 2**20:8.1f} MiB"
+            f"  {'' if speed is None else f'{speed:5.2f}x torch'}  {_mib(row['peak_extra_bytes'])}"
         )
 
 
@@ -86,6 +86,11 @@ def _update_readme(by_case: dict) -> None:
         head, rest = content.split(start, 1)
         _, tail = rest.split(end, 1)
         readme.write_text(f"{head}{start}\n" + "\n".join(lines) + f"\n{end}{tail}")
+
+
+def _mib(extra: int | None) -> str:
+    """Extra peak memory, or why there is none (not measured for calls of over a PFLOP: each is ~17 s)."""
+    return "peak not measured" if extra is None else f"peak +{extra / 2**20:8.1f} MiB"
 
 
 def _ms(seconds: float) -> str:

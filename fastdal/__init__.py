@@ -14,6 +14,7 @@ from . import backends, reference
 from .api import ScoreResult, labeled_grad, query, score, select
 from .features import GradFeatures, features
 from .grads import LabeledGrad
+from .precision import get_matmul_precision, matmul_precision
 from .selection import approximation_ratio, subset_gain
 
 __all__ = [
@@ -23,7 +24,9 @@ __all__ = [
     "approximation_ratio",
     "backends",
     "features",
+    "get_matmul_precision",
     "labeled_grad",
+    "matmul_precision",
     "query",
     "reference",
     "score",

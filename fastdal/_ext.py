@@ -46,18 +46,18 @@ def _register_fakes() -> None:
         return torch.float64 if t.dtype == torch.float64 else torch.float32
 
     @torch.library.register_fake("fastdal::last_layer_score")
-    def _(h, weight, bias, weight_grad, bias_grad, gamma):
+    def _(h, weight, bias, weight_grad, bias_grad, gamma, precision="tf32x3"):
         n = h.shape[0]
         out = h.new_empty(n, dtype=accumulation(h))
         return out, h.new_empty(n, dtype=out.dtype), h.new_empty(n, dtype=out.dtype), h.new_empty(n, dtype=torch.long)
 
     @torch.library.register_fake("fastdal::linear_sample_score")
-    def _(a, delta, weight_grad, groups, ghost):
+    def _(a, delta, weight_grad, groups, ghost, precision="tf32x3"):
         n = a.shape[0]
         return a.new_empty(n, dtype=accumulation(a)), a.new_empty(n, dtype=accumulation(a))
 
     @torch.library.register_fake("fastdal::kron_project")
-    def _(a, delta, p_in, p_out):
+    def _(a, delta, p_in, p_out, precision="tf32x3"):
         return a.new_empty(a.shape[0], p_out.shape[1], p_in.shape[0], dtype=accumulation(a))
 
     @torch.library.register_fake("fastdal::factored_min_distance")

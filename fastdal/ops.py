@@ -2,10 +2,13 @@
 
 Every op has a ``torch`` implementation (fastdal/torch_ops.py), C++ CPU and CUDA kernels in the
 extension ``fastdal._C`` (csrc/), and a Triton kernel (kernels/); fastdal/backends.py picks one.
+The GEMM-shaped ops run their float32 GPU matmuls in the mode of fastdal/precision.py ("tf32x3" unless
+asked otherwise); CPU and float64 computation is exact whatever the mode.
 """
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import math
 import numbers
@@ -14,7 +17,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from . import backends, torch_ops
+from . import backends, precision, torch_ops
 from .results import as_real_number
 
 
@@ -79,14 +82,18 @@ def last_layer_score(
     tensors = [t for t in (h, weight, bias, weight_grad, bias_grad) if t is not None]
     _same_device(tensors)
     name = backends.choose("last_layer_score", backend, tensors)
+    mode = precision.get_matmul_precision()
     if name == backends.TORCH:
-        out = torch_ops.last_layer_score(h, weight, bias, weight_grad, bias_grad, float(gamma))
+        with _torch_matmuls(h, mode):
+            out = torch_ops.last_layer_score(h, weight, bias, weight_grad, bias_grad, float(gamma))
     elif name == backends.TRITON:
         kernel = importlib.import_module("fastdal.kernels.last_layer_score")
-        out = kernel.last_layer_score(*(_contiguous(t) for t in (h, weight, bias, weight_grad, bias_grad)), gamma)
+        out = kernel.last_layer_score(
+            *(_contiguous(t) for t in (h, weight, bias, weight_grad, bias_grad)), gamma, precision=mode
+        )
     else:
         out = torch.ops.fastdal.last_layer_score(
-            *(_contiguous(t) for t in (h, weight, bias, weight_grad, bias_grad)), float(gamma)
+            *(_contiguous(t) for t in (h, weight, bias, weight_grad, bias_grad)), float(gamma), mode
         )
     return LastLayerScore(*out)
 
@@ -142,12 +149,14 @@ def linear_sample_score(
     tensors = [x for x in (a, delta, weight_grad) if x is not None]
     _same_device(tensors)
     name = backends.choose("linear_sample_score", backend, tensors)
+    mode = precision.get_matmul_precision()
     if name == backends.TORCH:
-        return torch_ops.linear_sample_score(a, delta, weight_grad, groups, bool(ghost))
+        with _torch_matmuls(a, mode):
+            return torch_ops.linear_sample_score(a, delta, weight_grad, groups, bool(ghost))
     if name == backends.TRITON:
         kernel = importlib.import_module("fastdal.kernels.linear_sample_score")
-        return kernel.linear_sample_score(a, delta, _contiguous(weight_grad), groups, bool(ghost))
-    return tuple(torch.ops.fastdal.linear_sample_score(a, delta, _contiguous(weight_grad), groups, bool(ghost)))
+        return kernel.linear_sample_score(a, delta, _contiguous(weight_grad), groups, bool(ghost), precision=mode)
+    return tuple(torch.ops.fastdal.linear_sample_score(a, delta, _contiguous(weight_grad), groups, bool(ghost), mode))
 
 
 def kron_project(a: Tensor, delta: Tensor, p_in: Tensor, p_out: Tensor, *, backend: str = "auto") -> Tensor:
@@ -184,12 +193,14 @@ def kron_project(a: Tensor, delta: Tensor, p_in: Tensor, p_out: Tensor, *, backe
         raise ValueError(f"a, delta, p_in and p_out must share a dtype, got {[str(x.dtype) for x in tensors]}")
     _same_device(tensors)
     name = backends.choose("kron_project", backend, tensors)
+    mode = precision.get_matmul_precision()
     if name == backends.TORCH:
-        return torch_ops.kron_project(a, delta, p_in, p_out)
+        with _torch_matmuls(a, mode):
+            return torch_ops.kron_project(a, delta, p_in, p_out)
     if name == backends.TRITON:
         kernel = importlib.import_module("fastdal.kernels.kron_project")
-        return kernel.kron_project(a, delta, p_in.contiguous(), p_out.contiguous())
-    return torch.ops.fastdal.kron_project(a, delta, p_in.contiguous(), p_out.contiguous())
+        return kernel.kron_project(a, delta, p_in.contiguous(), p_out.contiguous(), precision=mode)
+    return torch.ops.fastdal.kron_project(a, delta, p_in.contiguous(), p_out.contiguous(), mode)
 
 
 def factored_min_distance(
@@ -260,6 +271,11 @@ def last_layer_labeled_grad(h: Tensor, logits: Tensor, labels: Tensor, dtype: to
     """
     e = torch_ops.residual(logits, labels, dtype)
     return e.T @ h.to(dtype), e.sum(dim=0)
+
+
+def _torch_matmuls(x: Tensor, mode: str) -> contextlib.AbstractContextManager:
+    """The torch backend's CUDA matmuls in ``mode`` (TF32 pinned off unless "tf32"); CPU ones are left alone."""
+    return precision.torch_cuda_matmuls(mode) if x.device.type == "cuda" else contextlib.nullcontext()
 
 
 def _contiguous(t: Tensor | None) -> Tensor | None:

@@ -66,6 +66,18 @@ def _factored_min_distance_kernel(
     tl.store(out_ptr + rows, tl.minimum(current, distance, propagate_nan=tl.PropagateNan.ALL), mask=row_ok)
 
 
+def config(n: int, k: int, d: int) -> dict:
+    """Block sizes, warps and stages. A memory-bound pass: 64 x 64 input tiles give each GPU program
+    enough loads in flight without spilling."""
+    return {
+        "BLOCK_N": min(64, max(16, triton.next_power_of_2(n))),
+        "BLOCK_K": min(64, max(16, triton.next_power_of_2(k))),
+        "BLOCK_D": min(64, max(16, triton.next_power_of_2(d))),
+        "num_warps": 4,
+        "num_stages": 2,
+    }
+
+
 def factored_min_distance(
     left: Tensor, right: Tensor, offset: float, sq_norm: Tensor, center: int, min_dist: Tensor
 ) -> Tensor:
@@ -84,12 +96,9 @@ def factored_min_distance(
     out = torch.empty(n, dtype=torch.float32, device=left.device)
     if n == 0:
         return out
-    # A memory-bound pass: 64 x 64 input tiles give each GPU program enough loads in flight without spilling.
-    block_n = min(64, max(16, triton.next_power_of_2(n)))
-    block_k = min(64, max(16, triton.next_power_of_2(k)))
-    block_d = min(64, max(16, triton.next_power_of_2(d)))
+    launch = config(n, k, d)
     with _on(left.device):
-        _factored_min_distance_kernel[(triton.cdiv(n, block_n),)](
+        _factored_min_distance_kernel[(triton.cdiv(n, launch["BLOCK_N"]),)](
             left,
             right,
             sq_norm,
@@ -100,9 +109,7 @@ def factored_min_distance(
             n,
             k,
             d,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            BLOCK_D=block_d,
+            **launch,
         )
     return out
 

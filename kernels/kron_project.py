@@ -53,6 +53,7 @@ def _kron_project_kernel(
     BLOCK_O: tl.constexpr,
     BLOCK_RI: tl.constexpr,
     BLOCK_RO: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     ro = tl.program_id(1) * BLOCK_RO + tl.arange(0, BLOCK_RO)
@@ -75,7 +76,7 @@ def _kron_project_kernel(
             )
             # (BLOCK_I, BLOCK_RI) view of the row-major (r_in, d_in) P_in, so that a_tile @ it is (t, r_in).
             p_tile = tl.load(pin_ptr + ri[None, :] * D_IN + i[:, None], mask=ri_ok[None, :] & i_ok[:, None], other=0.0)
-            ap += tl.dot(a_tile, p_tile, input_precision="ieee")
+            ap += tl.dot(a_tile, p_tile, input_precision=PRECISION)
         dpt = tl.zeros((BLOCK_RO, BLOCK_T), dtype=tl.float32)  # the (r_out, t) tile of P_out delta^T
         for o0 in range(0, D_OUT, BLOCK_O):
             o = o0 + tl.arange(0, BLOCK_O)
@@ -84,20 +85,40 @@ def _kron_project_kernel(
             d_tile = tl.load(
                 d_row + t[None, :] * sd_t + o[:, None] * sd_o, mask=t_ok[None, :] & o_ok[:, None], other=0.0
             )
-            dpt += tl.dot(p_tile, d_tile, input_precision="ieee")
-        acc += tl.dot(dpt, ap, input_precision="ieee")
+            dpt += tl.dot(p_tile, d_tile, input_precision=PRECISION)
+        acc += tl.dot(dpt, ap, input_precision=PRECISION)
 
     out = out_ptr + row * R_OUT * R_IN
     tl.store(out + ro[:, None] * R_IN + ri[None, :], acc, mask=ro_ok[:, None] & ri_ok[None, :])
 
 
-def kron_project(a: Tensor, delta: Tensor, p_in: Tensor, p_out: Tensor) -> Tensor:
+def config(t: int, d_in: int, d_out: int, r_in: int, r_out: int) -> dict:
+    """Block sizes, warps and stages for these sizes.
+
+    ``tl.dot`` needs every block dim >= 16; the caps keep the acc, ap, dpt and input tiles in a GPU
+    program's registers.
+    """
+    block_t, block_i, block_o = (min(32, max(16, triton.next_power_of_2(x))) for x in (t, d_in, d_out))
+    block_ri, block_ro = (min(64, max(16, triton.next_power_of_2(x))) for x in (r_in, r_out))
+    return {
+        "BLOCK_T": block_t,
+        "BLOCK_I": block_i,
+        "BLOCK_O": block_o,
+        "BLOCK_RI": block_ri,
+        "BLOCK_RO": block_ro,
+        "num_warps": 4,
+        "num_stages": 2,
+    }
+
+
+def kron_project(a: Tensor, delta: Tensor, p_in: Tensor, p_out: Tensor, precision: str = "tf32x3") -> Tensor:
     """Per-row ``P_out delta[r]^T a[r] P_in^T`` (math in the module docstring).
 
     Args:
         a: (N, T, d_in), any strides. delta: (N, T, d_out), any strides.
         p_in: (r_in, d_in) contiguous. p_out: (groups, r_out, d_out) contiguous, groups dividing N;
         row ``r`` uses ``p_out[r % groups]``.
+        precision: how ``tl.dot`` multiplies: "tf32x3", "tf32" or "ieee" (fastdal/precision.py).
         All tensors float32 on one device (CUDA, or CPU under TRITON_INTERPRET=1).
 
     Returns:
@@ -110,11 +131,9 @@ def kron_project(a: Tensor, delta: Tensor, p_in: Tensor, p_out: Tensor) -> Tenso
     if n == 0 or t == 0 or d_in == 0 or d_out == 0 or r_in == 0 or r_out == 0:
         return torch.zeros(n, r_out, r_in, dtype=torch.float32, device=a.device)
     out = torch.empty(n, r_out, r_in, dtype=torch.float32, device=a.device)
-    # tl.dot needs every block dim >= 16; the caps keep the acc, ap, dpt and input tiles in a GPU program's registers.
-    block_t, block_i, block_o = (min(32, max(16, triton.next_power_of_2(x))) for x in (t, d_in, d_out))
-    block_ri, block_ro = (min(64, max(16, triton.next_power_of_2(x))) for x in (r_in, r_out))
+    launch = config(t, d_in, d_out, r_in, r_out)
     with _on(a.device):
-        _kron_project_kernel[(n, triton.cdiv(r_out, block_ro), triton.cdiv(r_in, block_ri))](
+        _kron_project_kernel[(n, triton.cdiv(r_out, launch["BLOCK_RO"]), triton.cdiv(r_in, launch["BLOCK_RI"]))](
             a,
             delta,
             p_in,
@@ -128,11 +147,8 @@ def kron_project(a: Tensor, delta: Tensor, p_in: Tensor, p_out: Tensor) -> Tenso
             groups,
             *a.stride(),
             *delta.stride(),
-            BLOCK_T=block_t,
-            BLOCK_I=block_i,
-            BLOCK_O=block_o,
-            BLOCK_RI=block_ri,
-            BLOCK_RO=block_ro,
+            PRECISION=precision,
+            **launch,
         )
     return out
 

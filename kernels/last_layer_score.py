@@ -50,20 +50,16 @@ def _last_layer_score_kernel(
     BLOCK_N: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_ok = rows < N
     cols_d = tl.arange(0, BLOCK_D)
     cols_k = tl.arange(0, BLOCK_K)
 
-    # ||h||^2 in a pass of its own: it is needed once, while the main loop re-reads h for every K tile.
+    # ||h||^2 is summed from the h tiles of the first class tile: h is read from memory once when K fits
+    # one tile (the bandwidth-bound case), and re-read per class tile (from L2) only when it does not.
     h_sq = tl.zeros((BLOCK_N,), dtype=tl.float32)
-    if HAS_GW:
-        for d0 in range(0, D, BLOCK_D):
-            d = d0 + cols_d
-            x = tl.load(h_ptr + rows[:, None] * D + d[None, :], mask=row_ok[:, None] & (d[None, :] < D), other=0.0)
-            h_sq += tl.sum(x * x, axis=1)
-
     m = tl.full((BLOCK_N,), float("-inf"), dtype=tl.float32)
     yhat = tl.zeros((BLOCK_N,), dtype=tl.int32)
     c_yhat = tl.zeros((BLOCK_N,), dtype=tl.float32)
@@ -75,6 +71,7 @@ def _last_layer_score_kernel(
     for k0 in range(0, K, BLOCK_K):
         k = k0 + cols_k
         k_ok = k < K
+        k_rows = k.to(tl.int64) * D  # K * D can pass 2^31
         z = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         c = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -82,11 +79,13 @@ def _last_layer_score_kernel(
             d_ok = d < D
             x = tl.load(h_ptr + rows[:, None] * D + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             # (BLOCK_D, BLOCK_K) views of the row-major (K, D) matrices, so that x @ tile is a (rows, classes) tile.
-            tile = k[None, :] * D + d[:, None]
+            tile = k_rows[None, :] + d[:, None]
             tile_ok = k_ok[None, :] & d_ok[:, None]
-            z += tl.dot(x, tl.load(w_ptr + tile, mask=tile_ok, other=0.0), input_precision="ieee")
+            z += tl.dot(x, tl.load(w_ptr + tile, mask=tile_ok, other=0.0), input_precision=PRECISION)
             if HAS_GW:
-                c += tl.dot(x, tl.load(gw_ptr + tile, mask=tile_ok, other=0.0), input_precision="ieee")
+                c += tl.dot(x, tl.load(gw_ptr + tile, mask=tile_ok, other=0.0), input_precision=PRECISION)
+                if k0 == 0:
+                    h_sq += tl.sum(x * x, axis=1)
         if HAS_BIAS:
             z += tl.load(b_ptr + k, mask=k_ok, other=0.0)[None, :]
         if HAS_GB:
@@ -134,6 +133,25 @@ def _last_layer_score_kernel(
     tl.store(label_ptr + rows, yhat.to(tl.int64), mask=row_ok)
 
 
+def config(n: int, k: int, d: int) -> dict:
+    """Block sizes, warps and pipeline stages the launcher picks for h (n, d) against K=k classes.
+
+    ``tl.dot`` needs every block dim >= 16. A program keeps two (BLOCK_N, BLOCK_K) float32 accumulators
+    (z and c) in registers next to the split operand tiles of "tf32x3"; the tiles below are the largest
+    that compiled for sm_90 without spills (make gpu-compile checks them): 64 x 64 with 16-wide D steps
+    for full row tiles, 16 x 32 with 32-wide D steps for small N.
+    """
+    block_n = min(64, max(16, triton.next_power_of_2(n)))
+    wide = block_n == 64
+    return {
+        "BLOCK_N": block_n,
+        "BLOCK_K": min(64 if wide else 32, max(16, triton.next_power_of_2(k))),
+        "BLOCK_D": min(16 if wide else 32, max(16, triton.next_power_of_2(d))),
+        "num_warps": 4,
+        "num_stages": 2,
+    }
+
+
 def last_layer_score(
     h: Tensor,
     weight: Tensor,
@@ -141,6 +159,7 @@ def last_layer_score(
     weight_grad: Tensor | None,
     bias_grad: Tensor | None,
     gamma: float,
+    precision: str = "tf32x3",
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Dynamic-AL terms of a final Linear, one streaming pass over the classes (math in the module docstring).
 
@@ -148,6 +167,7 @@ def last_layer_score(
         h: (N, D) head inputs. weight: (K, D). bias: (K,) or None.
         weight_grad: (K, D) or None. bias_grad: (K,) or None (at least one of the two given).
         gamma: weight of the dot-product term.
+        precision: how ``tl.dot`` multiplies: "tf32x3", "tf32" or "ieee" (fastdal/precision.py).
         All tensors float32, contiguous, on one device (CUDA, or CPU under TRITON_INTERPRET=1).
 
     Returns:
@@ -162,12 +182,9 @@ def last_layer_score(
     label = torch.empty(n, dtype=torch.long, device=h.device)
     if n == 0:
         return score, sq, dot, label
-    # tl.dot needs every block dim >= 16; 64 x 128 tiles of z and c fill a GPU program without spilling.
-    block_n = min(64, max(16, triton.next_power_of_2(n)))
-    block_k = min(128, max(16, triton.next_power_of_2(k)))
-    block_d = min(32, max(16, triton.next_power_of_2(d)))
+    launch = config(n, k, d)
     with _on(h.device):
-        _last_layer_score_kernel[(triton.cdiv(n, block_n),)](
+        _last_layer_score_kernel[(triton.cdiv(n, launch["BLOCK_N"]),)](
             h,
             weight,
             bias if bias is not None else h,  # unread placeholders: HAS_* compile the loads away
@@ -184,10 +201,8 @@ def last_layer_score(
             HAS_BIAS=bias is not None,
             HAS_GW=weight_grad is not None,
             HAS_GB=bias_grad is not None,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            BLOCK_D=block_d,
-            num_warps=8 if block_n * block_k >= 64 * 128 else 4,
+            PRECISION=precision,
+            **launch,
         )
     return score, sq, dot, label
 

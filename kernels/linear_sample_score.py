@@ -51,6 +51,7 @@ def _direct_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_I: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
@@ -65,7 +66,7 @@ def _direct_kernel(
         t_ok = t < T
         d_tile = tl.load(d_row + t[None, :] * sd_t + o[:, None] * sd_o, mask=t_ok[None, :] & o_ok[:, None], other=0.0)
         a_tile = tl.load(a_row + t[:, None] * sa_t + i[None, :] * sa_i, mask=t_ok[:, None] & i_ok[None, :], other=0.0)
-        g += tl.dot(d_tile, a_tile, input_precision="ieee")
+        g += tl.dot(d_tile, a_tile, input_precision=PRECISION)
 
     part = row * (tl.num_programs(1) * tl.num_programs(2)) + tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
     tl.store(sq_part_ptr + part, tl.sum(g * g))
@@ -92,6 +93,7 @@ def _ghost_sq_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_I: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     first = tl.program_id(1) * BLOCK_T
@@ -110,14 +112,14 @@ def _ghost_sq_kernel(
             i_ok = i < D_IN
             a_t = tl.load(a_row + t[:, None] * sa_t + i[None, :] * sa_i, mask=t_ok[:, None] & i_ok[None, :], other=0.0)
             a_s = tl.load(a_row + s[None, :] * sa_t + i[:, None] * sa_i, mask=s_ok[None, :] & i_ok[:, None], other=0.0)
-            gram_a += tl.dot(a_t, a_s, input_precision="ieee")
+            gram_a += tl.dot(a_t, a_s, input_precision=PRECISION)
         gram_d = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
         for o0 in range(0, D_OUT, BLOCK_O):
             o = o0 + tl.arange(0, BLOCK_O)
             o_ok = o < D_OUT
             d_t = tl.load(d_row + t[:, None] * sd_t + o[None, :] * sd_o, mask=t_ok[:, None] & o_ok[None, :], other=0.0)
             d_s = tl.load(d_row + s[None, :] * sd_t + o[:, None] * sd_o, mask=s_ok[None, :] & o_ok[:, None], other=0.0)
-            gram_d += tl.dot(d_t, d_s, input_precision="ieee")
+            gram_d += tl.dot(d_t, d_s, input_precision=PRECISION)
         # The (i, j) and (j, i) tile pairs are equal; only j >= i is visited.
         weight = tl.where(s0 == first, 1.0, 2.0)
         total += weight * tl.sum(gram_a * gram_d, axis=1)
@@ -144,6 +146,7 @@ def _ghost_dot_kernel(
     BLOCK_T: tl.constexpr,
     BLOCK_O: tl.constexpr,
     BLOCK_I: tl.constexpr,
+    PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
     t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -158,7 +161,7 @@ def _ghost_dot_kernel(
         i_ok = i < D_IN
         a_tile = tl.load(a_row + t[:, None] * sa_t + i[None, :] * sa_i, mask=t_ok[:, None] & i_ok[None, :], other=0.0)
         g_tile = tl.load(grad + o[None, :] * D_IN + i[:, None], mask=o_ok[None, :] & i_ok[:, None], other=0.0)
-        projected += tl.dot(a_tile, g_tile, input_precision="ieee")
+        projected += tl.dot(a_tile, g_tile, input_precision=PRECISION)
     d_tile = tl.load(
         d_ptr + row * sd_n + t[:, None] * sd_t + o[None, :] * sd_o, mask=t_ok[:, None] & o_ok[None, :], other=0.0
     )
@@ -167,8 +170,20 @@ def _ghost_dot_kernel(
     tl.store(dot_part_ptr + part, tl.sum(projected * d_tile))
 
 
+def config(kind: str, t: int, d_in: int, d_out: int) -> dict:
+    """Block sizes, warps and stages of kernel ``kind`` ("direct", "ghost_sq", "ghost_dot") for these sizes.
+
+    ``tl.dot`` needs every block dim >= 16; beyond 64 the float32 accumulator tiles would spill on a GPU.
+    One configuration serves the three kernels today; ``kind`` is there so that they can part.
+    """
+    if kind not in ("direct", "ghost_sq", "ghost_dot"):
+        raise ValueError(f"kind must be 'direct', 'ghost_sq' or 'ghost_dot', got {kind!r}")
+    block_t, block_o, block_i = (min(64, max(16, triton.next_power_of_2(x))) for x in (t, d_out, d_in))
+    return {"BLOCK_T": block_t, "BLOCK_O": block_o, "BLOCK_I": block_i, "num_warps": 4, "num_stages": 2}
+
+
 def linear_sample_score(
-    a: Tensor, delta: Tensor, weight_grad: Tensor | None, groups: int, ghost: bool
+    a: Tensor, delta: Tensor, weight_grad: Tensor | None, groups: int, ghost: bool, precision: str = "tf32x3"
 ) -> tuple[Tensor, Tensor]:
     """Per-sample ``||g||^2`` and ``<g, G>`` of ``g_r = delta[r]^T a[r]`` (math in the module docstring).
 
@@ -177,6 +192,7 @@ def linear_sample_score(
         weight_grad: (groups, d_out, d_in) contiguous, or None (then ``dot`` is zero).
         groups: row ``r`` is compared with ``weight_grad[r % groups]``.
         ghost: Gram-matrix (ghost) norm if True, tile-by-tile direct norm otherwise.
+        precision: how ``tl.dot`` multiplies: "tf32x3", "tf32" or "ieee" (fastdal/precision.py).
         All tensors float32 on one device (CUDA, or CPU under TRITON_INTERPRET=1).
 
     Returns:
@@ -187,10 +203,9 @@ def linear_sample_score(
     if n == 0 or t == 0 or d_in == 0 or d_out == 0:
         zeros = torch.zeros(n, dtype=torch.float32, device=a.device)
         return zeros, zeros.clone()
-    # tl.dot needs every block dim >= 16; beyond 64 the fp32 accumulator tiles would spill on a GPU.
-    block_t, block_o, block_i = (min(64, max(16, triton.next_power_of_2(x))) for x in (t, d_out, d_in))
+    blocks = {**config("ghost_sq" if ghost else "direct", t, d_in, d_out), "PRECISION": precision}
+    block_t, block_o, block_i = blocks["BLOCK_T"], blocks["BLOCK_O"], blocks["BLOCK_I"]
     strides = (*a.stride(), *delta.stride())
-    blocks = {"BLOCK_T": block_t, "BLOCK_O": block_o, "BLOCK_I": block_i}
     n_t, n_o, n_i = triton.cdiv(t, block_t), triton.cdiv(d_out, block_o), triton.cdiv(d_in, block_i)
     dot = None
     with _on(a.device):

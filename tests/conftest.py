@@ -8,8 +8,24 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # Must be set before any Triton kernel is decorated.
-    os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Without a GPU the interpreter is the only way the Triton kernels run, so it is forced on (a stray
+    # TRITON_INTERPRET=0 would silently drop them from the suite). Set before any kernel is decorated.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+# Whether Triton runs under its interpreter in this session. Only then does the triton backend serve CPU
+# tensors (fastdal/backends.py), so only then do tests run it on CPU; on a GPU machine it runs compiled,
+# on CUDA tensors, in the tests marked ``gpu``.
+TRITON_INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def cpu_backends(names: tuple[str, ...] = ("torch", "cpp", "triton")) -> list[str]:
+    """Those of ``names`` that run ops on CPU tensors here: the backend runs on this machine, and for
+    triton, the interpreter is on (else forcing it on CPU tensors raises, e.g. on a GPU machine)."""
+    import fastdal.backends as backends  # after TRITON_INTERPRET is settled
+
+    report = backends.available()
+    return [n for n in names if report[n] is None and (n != "triton" or TRITON_INTERPRETED)]
+
 
 # DESIGN.md, chain of truth: error against the float64 reference, relative to the reference's scale.
 TOLERANCE = {torch.float64: 1e-9, torch.float32: 1e-4}

@@ -14,16 +14,16 @@ import torch
 import fastdal.backends as backends
 from fastdal import ops, torch_ops
 
-from conftest import relative_error
+from conftest import cpu_backends, relative_error
 
 ALLOWANCE = {torch.float32: 1e-6, torch.float64: 1e-12}
 
 
 def _backend_cases() -> list:
-    """(device, backend) pairs: every backend that can run here on CPU tensors, and every CUDA-serving
-    backend on CUDA tensors, marked ``gpu`` and skipped without a GPU."""
-    report = backends.available()
-    cases = [pytest.param("cpu", n, id=f"cpu-{n}") for n in ("torch", "cpp", "triton") if report[n] is None]
+    """(device, backend) pairs: every backend that serves CPU tensors here (triton only under its
+    interpreter, which conftest.py turns on without a GPU), and every CUDA-serving backend on CUDA
+    tensors, marked ``gpu`` and skipped without a GPU."""
+    cases = [pytest.param("cpu", n, id=f"cpu-{n}") for n in cpu_backends()]
     no_gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
     cases += [
         pytest.param("cuda", n, id=f"cuda-{n}", marks=[pytest.mark.gpu, no_gpu]) for n in ("torch", "cuda", "triton")

@@ -20,9 +20,16 @@
 // handed to BLAS as it lies whenever one of its strides is 1, and copied to a thread-local buffer
 // otherwise. Blocks of rows (one row each unless tiles span rows) run in parallel.
 #include <algorithm>
+#include <string_view>
 #include <vector>
 
 #include "common.h"
+
+// Defined in csrc/fastdal.cpp: validates the ops' `precision` argument ("ieee", "tf32x3", "tf32"),
+// which the CPU kernels accept and ignore: they are exact whatever it says.
+namespace fastdal {
+int parse_precision(std::string_view precision, const char* backend);
+}
 
 namespace fastdal::cpu {
 namespace {
@@ -168,7 +175,8 @@ void check_inputs(const at::Tensor& a, const at::Tensor& delta, const at::Tensor
 }
 
 at::Tensor kron_project_cpu(const at::Tensor& a, const at::Tensor& delta, const at::Tensor& p_in,
-                            const at::Tensor& p_out) {
+                            const at::Tensor& p_out, std::string_view precision) {
+  parse_precision(precision, "cpp");
   check_inputs(a, delta, p_in, p_out);
   const int64_t n = a.size(0), t = a.size(1), r_in = p_in.size(0), r_out = p_out.size(1);
   auto out = at::zeros({n, r_out, r_in}, a.options());

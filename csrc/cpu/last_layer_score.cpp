@@ -20,9 +20,16 @@
 // sums of positive terms: the textbook s2/s^2 - 2/s + 1 cancels to noise when p_yhat is near 1.
 #include <cmath>
 #include <limits>
+#include <string_view>
 #include <vector>
 
 #include "common.h"
+
+// Defined in csrc/fastdal.cpp: validates the ops' `precision` argument ("ieee", "tf32x3", "tf32"),
+// which the CPU kernels accept and ignore: they are exact whatever it says.
+namespace fastdal {
+int parse_precision(std::string_view precision, const char* backend);
+}
 
 namespace fastdal::cpu {
 namespace {
@@ -217,7 +224,9 @@ void check_inputs(const at::Tensor& h, const at::Tensor& weight, const std::opti
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> last_layer_score_cpu(
     const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& weight_grad, const std::optional<at::Tensor>& bias_grad, double gamma) {
+    const std::optional<at::Tensor>& weight_grad, const std::optional<at::Tensor>& bias_grad, double gamma,
+    std::string_view precision) {
+  parse_precision(precision, "cpp");
   check_inputs(h, weight, bias, weight_grad, bias_grad);
   const int64_t n = h.size(0);
   auto score = at::empty({n}, h.options());

@@ -22,10 +22,17 @@
 // In direct mode, float32 rows in the unfold layout skip BLAS where direct_avx2.cpp says it is faster:
 // that kernel forms g in registers with the positions in the SIMD lanes.
 #include <algorithm>
+#include <string_view>
 #include <vector>
 
 #include "common.h"
 #include "direct_avx2.h"
+
+// Defined in csrc/fastdal.cpp: validates the ops' `precision` argument ("ieee", "tf32x3", "tf32"),
+// which the CPU kernels accept and ignore: they are exact whatever it says.
+namespace fastdal {
+int parse_precision(std::string_view precision, const char* backend);
+}
 
 namespace fastdal::cpu {
 namespace {
@@ -246,7 +253,9 @@ void check_inputs(const at::Tensor& a, const at::Tensor& delta, const std::optio
 
 std::tuple<at::Tensor, at::Tensor> linear_sample_score_cpu(const at::Tensor& a, const at::Tensor& delta,
                                                            const std::optional<at::Tensor>& weight_grad,
-                                                           int64_t groups, bool ghost) {
+                                                           int64_t groups, bool ghost,
+                                                           std::string_view precision) {
+  parse_precision(precision, "cpp");
   check_inputs(a, delta, weight_grad, groups);
   const int64_t n = a.size(0);
   auto sq = at::zeros({n}, a.options());

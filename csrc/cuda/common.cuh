@@ -1,13 +1,16 @@
-// Helpers shared by the CUDA kernels of csrc/cuda: argument checks, a strided tile loader that
-// stages global memory through registers into shared memory, vector loads from shared memory, and
-// block reductions.
+// Helpers shared by the CUDA kernels of csrc/cuda: argument checks, the `precision` argument, a
+// strided tile loader that stages global memory through registers into shared memory, vector loads
+// from shared memory, tensor-core (TF32 WMMA) warp tiles, and block reductions.
 //
-// Every kernel of csrc/cuda is a small SIMT GEMM: a block stages a chunk of two operand tiles in
-// shared memory, each thread accumulates a micro-tile in registers, and the next chunk is fetched
-// into registers while the current one is being multiplied (one shared buffer, two barriers a chunk).
-// Inner products run in the input dtype, as the torch backend's GEMMs do; what is summed after them
-// (softmax statistics, squared norms, dot products over a tile) runs in double, which costs little
-// next to the GEMM and keeps float32 results as accurate as the torch backend's.
+// Every kernel of csrc/cuda is a small GEMM: a block stages a chunk of two operand tiles in shared
+// memory and multiplies them, and the next chunk is fetched into registers while the current one is
+// being multiplied (one shared buffer, two barriers a chunk). The multiply is either SIMT (each
+// thread accumulates a micro-tile in registers with FFMA: precision "ieee", and always for float64)
+// or, for float32 on sm_80+, tensor cores (each warp accumulates 16 x 16 WMMA fragments: "tf32x3",
+// the default, or "tf32"; see the Tc section below). Inner products run in the input dtype, as the
+// torch backend's GEMMs do; what is summed after them (softmax statistics, squared norms, dot
+// products over a tile) runs in double, which costs little next to the GEMM and keeps float32
+// results as accurate as the torch backend's.
 #pragma once
 
 #include <ATen/ATen.h>
@@ -16,9 +19,18 @@
 #include <c10/cuda/CUDAStream.h>
 #include <cuda_runtime.h>
 
+#include <mma.h>
+
 #include <cstdint>
 #include <optional>
+#include <string_view>
 #include <type_traits>
+
+namespace fastdal {
+// Defined in csrc/fastdal.cpp: 0 "ieee", 1 "tf32x3", 2 "tf32"; any other value is an error naming
+// `precision` and the values allowed.
+int parse_precision(std::string_view precision, const char* backend);
+}  // namespace fastdal
 
 namespace fastdal::cuda {
 
@@ -54,6 +66,24 @@ inline int multiprocessor_count(c10::DeviceIndex device) {
   int count = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device));
   return count;
+}
+
+// How a float32 GEMM multiplies (the ops' `precision` argument); float64 is always kIeee.
+enum class Precision : int { kIeee = 0, kTf32x3 = 1, kTf32 = 2 };
+
+inline Precision precision_of(std::string_view precision) {
+  return static_cast<Precision>(parse_precision(precision, "cuda"));
+}
+
+// Whether a kernel's code on this device came from sm_80+ (PTX or SASS), i.e. has its tensor-core
+// path compiled in: device code below sm_80 compiles that path out (the TF32 WMMA instructions do
+// not exist there), so the host launches the SIMT (kIeee) instantiation instead. Asked of the
+// kernel itself, not of the device, since a build for older architectures may run on a newer GPU.
+template <typename Kernel>
+bool has_tensor_cores(Kernel* kernel) {
+  cudaFuncAttributes attr{};
+  C10_CUDA_CHECK(cudaFuncGetAttributes(&attr, reinterpret_cast<const void*>(kernel)));
+  return attr.ptxVersion >= 80 && attr.binaryVersion >= 80;
 }
 
 // Data pointer of an optional tensor, nullptr when it is absent.
@@ -168,6 +198,116 @@ struct Tile {
     }
   }
 };
+
+// ---------------------------------------------------------------------------------------------
+// Tensor cores (float32 only): TF32 WMMA m16n16k8 with fp32 accumulation
+// ---------------------------------------------------------------------------------------------
+//
+// kTf32x3 splits each operand x into x_hi = tf32(x) (10 explicit mantissa bits, rounded to nearest)
+// and x_lo = tf32(x - x_hi), and sums a_lo b_hi + a_hi b_lo + a_hi b_hi in fp32 (small terms
+// first); the dropped a_lo b_lo is ~2^-22 relative, so the product is as accurate as fp32 FFMA
+// (both are limited by the fp32 accumulation). kTf32 is the single product a_hi b_hi (~1e-3).
+// Fragments are loaded from shared memory with an explicit leading dimension: ldm a multiple of 4
+// floats and every fragment pointer 32-byte aligned, which the callers' layouts guarantee (tiles of
+// 16 or 8 along the strided dimension times an ldm of 4k floats, buffers __align__(128)).
+// FASTDAL_TENSOR_CORES is 1 where device code may use them; the host launches a tensor-core
+// instantiation only where has_tensor_cores() says its device code has them.
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 800
+#define FASTDAL_TENSOR_CORES 0
+#else
+#define FASTDAL_TENSOR_CORES 1
+#endif
+
+namespace tc {
+namespace wmma = nvcuda::wmma;
+constexpr int kM = 16, kN = 16, kK = 8;  // the TF32 WMMA shape
+using row_major = wmma::row_major;
+using col_major = wmma::col_major;
+using Acc = wmma::fragment<wmma::accumulator, kM, kN, kK, float>;
+template <typename Layout>
+using FragA = wmma::fragment<wmma::matrix_a, kM, kN, kK, wmma::precision::tf32, Layout>;
+template <typename Layout>
+using FragB = wmma::fragment<wmma::matrix_b, kM, kN, kK, wmma::precision::tf32, Layout>;
+
+// Offset of element (i, j) of a matrix stored with leading dimension ld in the given layout.
+template <typename Layout>
+__device__ __forceinline__ int offset(int i, int j, int ld) {
+  return std::is_same_v<Layout, row_major> ? i * ld + j : j * ld + i;
+}
+
+// A fragment as loaded (fp32 values) becomes its TF32 high part, and lo its low part (kTf32x3 only).
+template <Precision P, typename Frag>
+__device__ __forceinline__ void split(Frag& hi, Frag& lo) {
+#if FASTDAL_TENSOR_CORES
+#pragma unroll
+  for (int e = 0; e < hi.num_elements; ++e) {
+    const float x = hi.x[e];
+    const float h = wmma::__float_to_tf32(x);
+    hi.x[e] = h;
+    if constexpr (P == Precision::kTf32x3) lo.x[e] = wmma::__float_to_tf32(x - h);
+  }
+#endif
+}
+
+// acc[i][j] += A[16 i.., :] B[:, 16 j..] over kK * K_STEPS of the inner dimension, for a warp tile of
+// MF x NF fragments: A (rows x inner) at a with leading dimension lda in LayoutA, B (inner x
+// columns) at b with ldb in LayoutB, both already offset to the warp's tile. Each A and B fragment
+// is loaded and split once per k-step and used NF (MF) times.
+template <Precision P, int MF, int NF, int K_STEPS, typename LayoutA, typename LayoutB>
+__device__ __forceinline__ void warp_mma(Acc (&acc)[MF][NF], const float* a, int lda, const float* b, int ldb) {
+#if FASTDAL_TENSOR_CORES
+  static_assert(P != Precision::kIeee, "the SIMT path does not come here");
+#pragma unroll
+  for (int kk = 0; kk < K_STEPS; ++kk) {
+    FragA<LayoutA> a_hi[MF], a_lo[MF];
+    FragB<LayoutB> b_hi[NF], b_lo[NF];
+#pragma unroll
+    for (int i = 0; i < MF; ++i) {
+      wmma::load_matrix_sync(a_hi[i], a + offset<LayoutA>(i * kM, kk * kK, lda), lda);
+      split<P>(a_hi[i], a_lo[i]);
+    }
+#pragma unroll
+    for (int j = 0; j < NF; ++j) {
+      wmma::load_matrix_sync(b_hi[j], b + offset<LayoutB>(kk * kK, j * kN, ldb), ldb);
+      split<P>(b_hi[j], b_lo[j]);
+    }
+#pragma unroll
+    for (int i = 0; i < MF; ++i)
+#pragma unroll
+      for (int j = 0; j < NF; ++j) {
+        if constexpr (P == Precision::kTf32x3) {
+          wmma::mma_sync(acc[i][j], a_lo[i], b_hi[j], acc[i][j]);
+          wmma::mma_sync(acc[i][j], a_hi[i], b_lo[j], acc[i][j]);
+        }
+        wmma::mma_sync(acc[i][j], a_hi[i], b_hi[j], acc[i][j]);
+      }
+  }
+#endif
+}
+
+template <int MF, int NF>
+__device__ __forceinline__ void fill_zero(Acc (&acc)[MF][NF]) {
+#if FASTDAL_TENSOR_CORES
+#pragma unroll
+  for (int i = 0; i < MF; ++i)
+#pragma unroll
+    for (int j = 0; j < NF; ++j) wmma::fill_fragment(acc[i][j], 0.0f);
+#endif
+}
+
+// Stores the warp tile row-major at c (leading dimension ldc, a multiple of 4, 32-byte aligned rows of 16).
+template <int MF, int NF>
+__device__ __forceinline__ void store(float* c, int ldc, const Acc (&acc)[MF][NF]) {
+#if FASTDAL_TENSOR_CORES
+#pragma unroll
+  for (int i = 0; i < MF; ++i)
+#pragma unroll
+    for (int j = 0; j < NF; ++j) {
+      wmma::store_matrix_sync(c + i * kM * ldc + j * kN, acc[i][j], ldc, wmma::mem_row_major);
+    }
+#endif
+}
+}  // namespace tc
 
 template <typename V>
 __device__ __forceinline__ V warp_sum(V x) {

@@ -16,10 +16,13 @@
 // block and nothing is computed twice; larger ranks recompute ap once per r_out tile and dp once
 // per r_in tile. a and delta are read through their strides (unfold gives (N, d, T) storage seen as
 // (N, T, d)), the warps of a load running along whichever of positions and features has stride 1.
+// Precision: the op takes `precision` and validates it, but every value runs this SIMT (FFMA)
+// kernel for now, exact fp32, which meets the contract of each; tensor cores are not wired in.
 #include <torch/library.h>
 
 #include <climits>
 #include <cstdint>
+#include <string_view>
 
 #include "common.cuh"
 
@@ -146,7 +149,10 @@ __global__ void __launch_bounds__(kThreads) kron_project_kernel(const KronArgs<T
 }
 
 at::Tensor kron_project_cuda(const at::Tensor& a, const at::Tensor& delta, const at::Tensor& p_in,
-                             const at::Tensor& p_out) {
+                             const at::Tensor& p_out, std::string_view precision) {
+  // Validated on every path; the tensor-core path of this op is not written yet, so every precision
+  // runs the SIMT (exact fp32 FFMA) kernel below, which meets the contract of all three.
+  precision_of(precision);
   check_float_tensor(a, "a", 3);
   check_float_tensor(delta, "delta", 3);
   check_float_tensor(p_in, "p_in", 2);

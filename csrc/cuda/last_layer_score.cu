@@ -14,8 +14,12 @@
 // * K <= 16: a thread takes 2 rows and all classes (TN = K rounded up to 4), a block 512 rows; all
 //   lanes of a warp read the same W values. h is read from global memory exactly once: the
 //   bandwidth-bound case (N = 1M, D = 2048, K = 10 streams 8 GB of h).
+//   (float64 with G_W and 12 < K <= 16 takes the wide shape instead, which would spill here.)
 // * larger K: 8 rows x 4 classes a thread, 8 adjacent lanes a row group, 256 rows x 32 classes a
-//   block; h is re-read (mostly from L2) once per class tile.
+//   block; h is re-read (mostly from L2) once per class tile. The transposed W and G_W chunks are
+//   stored in a swizzled order that keeps the stores free of bank conflicts (RowChunk::store).
+// Precision: the op takes `precision` and validates it, but every value runs these SIMT (FFMA)
+// kernels for now, exact fp32, which meets the contract of each; tensor cores are not wired in.
 // At the end of a class tile each thread folds its values into one online-softmax state per row,
 // the row group's lanes merge theirs by shuffles, and one lane merges the result into the row's
 // state in shared memory; no N x K array exists. When the row tiles alone cannot fill the GPU
@@ -37,6 +41,7 @@
 #include <climits>
 #include <cmath>
 #include <cstdint>
+#include <string_view>
 #include <type_traits>
 
 #include "common.cuh"
@@ -194,16 +199,32 @@ struct RowChunk {
   }
 
   // Into s[r * lds + c], or s[c * lds + r] when TRANSPOSED.
+  //
+  // Transposed float4 chunks (the W and G_W tiles of the wide shape, lds = 36): the 4 threads q of a
+  // row hold columns 4q..4q+3, and storing element j of all of them at once would put q and q + 2 on
+  // the same banks (4 q lds = 16 q mod 32), a 2-way conflict on every store. Threads with q & 2 store
+  // their elements in the order j ^ 2 instead: for lds = 4 mod 32 the warp's 8 rows x 4 threads then
+  // cover the 32 banks exactly once a store. (A select of two compile-time indices, not a
+  // dynamically indexed array: the values stay in registers.)
   template <bool TRANSPOSED>
   __device__ __forceinline__ void store(T* s, int lds, int tid) const {
     const int c = col_of(tid);
+    constexpr bool kSwizzle = TRANSPOSED && VEC == 4 && std::is_same_v<T, float>;
+    const bool swap = kSwizzle && (c / VEC) % 4 >= 2;
 #pragma unroll
     for (int pass = 0; pass < kPasses; ++pass) {
       const int r = row_of(pass, tid);
       if (ROWS % kRowsPerPass != 0 && r >= ROWS) break;
       const T* e = reinterpret_cast<const T*>(&v[pass]);
 #pragma unroll
-      for (int j = 0; j < VEC; ++j) s[TRANSPOSED ? (c + j) * lds + r : r * lds + c + j] = e[j];
+      for (int j = 0; j < VEC; ++j) {
+        if constexpr (kSwizzle) {
+          const int jj = swap ? (j ^ 2) : j;
+          s[(c + jj) * lds + r] = swap ? e[j ^ 2] : e[j];
+        } else {
+          s[TRANSPOSED ? (c + j) * lds + r : r * lds + c + j] = e[j];
+        }
+      }
     }
   }
 };
@@ -402,7 +423,12 @@ void dispatch_shape(const HeadArgs<T>& p, const at::Tensor& h) {
   if (p.k <= 4) return launch<T, NarrowShape<4>, HAS_GW>(p, h);
   if (p.k <= 8) return launch<T, NarrowShape<8>, HAS_GW>(p, h);
   if (p.k <= 12) return launch<T, NarrowShape<12>, HAS_GW>(p, h);
-  if (p.k <= 16) return launch<T, NarrowShape<16>, HAS_GW>(p, h);
+  // float64 with G_W holds 2 x 16 doubles of z, of c and of W and G_W a step: more than 255
+  // registers (ptxas spills). The wide shape serves K <= 32 as a single class tile too, so h is
+  // still read once; it only computes 32 columns instead of 16.
+  if constexpr (!(std::is_same_v<T, double> && HAS_GW)) {
+    if (p.k <= 16) return launch<T, NarrowShape<16>, HAS_GW>(p, h);
+  }
   launch<T, WideShape, HAS_GW>(p, h);
 }
 
@@ -439,7 +465,11 @@ void check_inputs(const at::Tensor& h, const at::Tensor& weight, const std::opti
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> last_layer_score_cuda(
     const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-    const std::optional<at::Tensor>& weight_grad, const std::optional<at::Tensor>& bias_grad, double gamma) {
+    const std::optional<at::Tensor>& weight_grad, const std::optional<at::Tensor>& bias_grad, double gamma,
+    std::string_view precision) {
+  // Validated on every path; the tensor-core path of this op is not written yet, so every precision
+  // runs the SIMT (exact fp32 FFMA) kernels below, which meets the contract of all three.
+  precision_of(precision);
   check_inputs(h, weight, bias, weight_grad, bias_grad);
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t n = h.size(0);
