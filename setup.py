@@ -17,8 +17,8 @@ from setuptools import setup
 def extension_build() -> dict:
     if os.environ.get("FASTDAL_BUILD_EXT", "1") == "0":
         return {}
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
     import torch
+    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
 
     sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
     cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import backends, generic, layers, ops
+from . import backends, generic, layers, ops, precision
 from .batches import batch_labels, check_loader, check_pool_count, split_batch, to_device, with_progress
 from .capture import Call, Target, model_on_device, preserved_model_state
 from .coverage import covered_parameters
@@ -48,6 +48,7 @@ def projection(seed: int, name: str, rows: int, cols: int) -> Tensor | None:
     return torch.randn(rows, cols, generator=generator, dtype=torch.float64) / rows**0.5
 
 
+@precision.follows_mode
 def _apply(p: Tensor | None, x: Tensor) -> Tensor:
     """``x @ p^T`` over the last dimension (the identity for ``p=None``)."""
     return x if p is None else x @ p.to(x).T
@@ -74,9 +75,11 @@ class FactoredBlock:
         # vector_norm reduces without an N x K temporary.
         return _sq_rows(self.left) * (_sq_rows(self.right) + self.offset)
 
+    @precision.follows_mode
     def inner(self, rows: Tensor | slice, other: Tensor | slice) -> Tensor:
         return (self.left[rows] @ self.left[other].T) * (self.right[rows] @ self.right[other].T + self.offset)
 
+    @precision.follows_mode
     def dot(self, grads: Mapping[str, Tensor]) -> Tensor:
         # e . (G_W h + G_b) as (e G_W) . h + e . G_b: temporaries of N x D, never N x K.
         result = self.left.new_zeros(self.left.shape[0])
@@ -108,9 +111,11 @@ class ProjectedBlock:
     def sq_norm(self) -> Tensor:
         return _sq_rows(self.values)
 
+    @precision.follows_mode
     def inner(self, rows: Tensor | slice, other: Tensor | slice) -> Tensor:
         return self.values[rows] @ self.values[other].T
 
+    @precision.follows_mode
     def dot(self, grads: Mapping[str, Tensor]) -> Tensor:
         return self.values @ self.project(grads).to(self.values)
 

@@ -258,6 +258,7 @@ def factored_min_distance(
     return torch.ops.fastdal.factored_min_distance(*args)
 
 
+@precision.follows_mode
 def last_layer_labeled_grad(h: Tensor, logits: Tensor, labels: Tensor, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Closed-form summed gradient of a final ``nn.Linear`` at the true labels; no backward pass.
 

@@ -15,7 +15,10 @@ run on tensor cores when the tensors are float32 on a GPU. The mode decides how:
 
 CPU backends and float64 tensors are exact whatever the mode. The ``torch`` backend's CUDA matmuls
 follow the mode too: TF32 is pinned off for ``"tf32x3"`` and ``"ieee"`` (whatever the user's
-``torch.backends.cuda.matmul`` setting, which is restored afterwards) and allowed for ``"tf32"``.
+``torch.backends.cuda.matmul`` setting, which is restored afterwards) and allowed for ``"tf32"``; so do
+fastdal's own matmuls outside the ops (the labeled gradient of the head, the gradient features' projections
+and inner products, k-center distances: the functions decorated with :func:`follows_mode`). The user's
+model runs as the user set torch up.
 
 The mode comes from :func:`matmul_precision` (a context manager), else the ``FASTDAL_MATMUL_PRECISION``
 environment variable, else ``"tf32x3"``.
@@ -24,8 +27,9 @@ environment variable, else ``"tf32x3"``.
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextvars import ContextVar
 
 import torch
@@ -86,3 +90,14 @@ def torch_cuda_matmuls(mode: str) -> Iterator[None]:
         yield
     finally:
         setattr(flags, name, before)
+
+
+def follows_mode(fn: Callable) -> Callable:
+    """Decorator: ``fn``'s torch CUDA matmuls run in the mode in force (:func:`torch_cuda_matmuls`)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch_cuda_matmuls(get_matmul_precision()):
+            return fn(*args, **kwargs)
+
+    return wrapper

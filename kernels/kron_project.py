@@ -95,19 +95,25 @@ def _kron_project_kernel(
 def config(t: int, d_in: int, d_out: int, r_in: int, r_out: int) -> dict:
     """Block sizes, warps and stages for these sizes.
 
-    ``tl.dot`` needs every block dim >= 16; the caps keep the acc, ap, dpt and input tiles in a GPU
-    program's registers.
+    ``tl.dot`` needs every block dim >= 16. The caps and warp counts keep the acc, ap, dpt and input
+    tiles in a GPU program's registers: each choice below compiled for sm_90 without spills
+    (``make gpu-compile`` checks every configuration the tests and benchmarks reach).
     """
-    block_t, block_i, block_o = (min(32, max(16, triton.next_power_of_2(x))) for x in (t, d_in, d_out))
+    block_i, block_o = (min(32, max(16, triton.next_power_of_2(x))) for x in (d_in, d_out))
     block_ri, block_ro = (min(64, max(16, triton.next_power_of_2(x))) for x in (r_in, r_out))
+    rank_tile = block_ri * block_ro
+    # rank tiles of 64 x 64 leave room for 16 positions a step only
+    block_t = min(16 if rank_tile >= 64 * 64 else 32, max(16, triton.next_power_of_2(t)))
+    wide = rank_tile >= 32 * 32
     return {
         "BLOCK_T": block_t,
         "BLOCK_I": block_i,
         "BLOCK_O": block_o,
         "BLOCK_RI": block_ri,
         "BLOCK_RO": block_ro,
-        "num_warps": 4,
-        "num_stages": 2,
+        # 8 warps share the larger rank tiles; with 4, the second pipeline stage's tiles spill
+        "num_warps": 8 if wide else 4,
+        "num_stages": 2 if wide else 1,
     }
 
 

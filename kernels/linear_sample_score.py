@@ -173,13 +173,27 @@ def _ghost_dot_kernel(
 def config(kind: str, t: int, d_in: int, d_out: int) -> dict:
     """Block sizes, warps and stages of kernel ``kind`` ("direct", "ghost_sq", "ghost_dot") for these sizes.
 
-    ``tl.dot`` needs every block dim >= 16; beyond 64 the float32 accumulator tiles would spill on a GPU.
-    One configuration serves the three kernels today; ``kind`` is there so that they can part.
+    ``tl.dot`` needs every block dim >= 16. The caps keep the float32 tiles in a GPU program's
+    registers: each choice compiled for sm_90 (3xTF32, the default precision, holds each operand
+    twice) without spills, and ``make gpu-compile`` checks every configuration the tests and
+    benchmarks reach. The dimension a kernel reduces over is capped lower than the ones it keeps.
     """
     if kind not in ("direct", "ghost_sq", "ghost_dot"):
         raise ValueError(f"kind must be 'direct', 'ghost_sq' or 'ghost_dot', got {kind!r}")
-    block_t, block_o, block_i = (min(64, max(16, triton.next_power_of_2(x))) for x in (t, d_out, d_in))
-    return {"BLOCK_T": block_t, "BLOCK_O": block_o, "BLOCK_I": block_i, "num_warps": 4, "num_stages": 2}
+
+    def block(x: int, cap: int) -> int:
+        return min(cap, max(16, triton.next_power_of_2(x)))
+
+    if kind == "direct":  # a (d_out x d_in) tile of g, reduced over T
+        block_t, block_o, block_i = block(t, 32), block(d_out, 64), block(d_in, 64)
+        warps = 8 if block_o * block_i >= 64 * 64 else 4
+    elif kind == "ghost_sq":  # two (T x T) Gram tiles, reduced over d_in and d_out
+        block_t, block_o, block_i = block(t, 64), block(d_out, 32), block(d_in, 32)
+        warps = 8 if block_t * max(block_o, block_i) >= 32 * 32 else 4
+    else:  # a (T x d_out) tile of a G^T, reduced over d_in
+        block_t, block_o, block_i = block(t, 64), block(d_out, 64), block(d_in, 32)
+        warps = 8 if block_t * block_o >= 64 * 64 else 4
+    return {"BLOCK_T": block_t, "BLOCK_O": block_o, "BLOCK_I": block_i, "num_warps": warps, "num_stages": 2}
 
 
 def linear_sample_score(
@@ -203,13 +217,12 @@ def linear_sample_score(
     if n == 0 or t == 0 or d_in == 0 or d_out == 0:
         zeros = torch.zeros(n, dtype=torch.float32, device=a.device)
         return zeros, zeros.clone()
-    blocks = {**config("ghost_sq" if ghost else "direct", t, d_in, d_out), "PRECISION": precision}
-    block_t, block_o, block_i = blocks["BLOCK_T"], blocks["BLOCK_O"], blocks["BLOCK_I"]
     strides = (*a.stride(), *delta.stride())
-    n_t, n_o, n_i = triton.cdiv(t, block_t), triton.cdiv(d_out, block_o), triton.cdiv(d_in, block_i)
     dot = None
     with _on(a.device):
         if not ghost:
+            blocks = {**config("direct", t, d_in, d_out), "PRECISION": precision}
+            n_o, n_i = triton.cdiv(d_out, blocks["BLOCK_O"]), triton.cdiv(d_in, blocks["BLOCK_I"])
             sq_part = torch.empty(n, n_o * n_i, dtype=torch.float32, device=a.device)
             dot_part = torch.empty_like(sq_part) if weight_grad is not None else sq_part
             _direct_kernel[(n, n_o, n_i)](
@@ -229,9 +242,13 @@ def linear_sample_score(
             if weight_grad is not None:
                 dot = dot_part.sum(dim=1)
         else:
+            blocks = {**config("ghost_sq", t, d_in, d_out), "PRECISION": precision}
+            n_t = triton.cdiv(t, blocks["BLOCK_T"])
             sq_part = torch.empty(n, n_t, dtype=torch.float32, device=a.device)
             _ghost_sq_kernel[(n, n_t)](a, delta, sq_part, t, d_in, d_out, *strides, **blocks)
             if weight_grad is not None:
+                blocks = {**config("ghost_dot", t, d_in, d_out), "PRECISION": precision}
+                n_t, n_o = triton.cdiv(t, blocks["BLOCK_T"]), triton.cdiv(d_out, blocks["BLOCK_O"])
                 dot_part = torch.empty(n, n_t * n_o, dtype=torch.float32, device=a.device)
                 _ghost_dot_kernel[(n, n_t, n_o)](
                     a, delta, weight_grad, dot_part, t, d_in, d_out, groups, *strides, **blocks

@@ -8,12 +8,15 @@ twice that of the float32 torch backend (DESIGN.md's chain of truth). Plain "tf3
 bound, so the check can tell the two apart.
 """
 
+import importlib
+
 import pytest
 import torch
-from conftest import relative_error
 
 import fastdal
 from fastdal import precision, torch_ops
+
+from conftest import relative_error
 
 
 def tf32(x: torch.Tensor, truncate: bool = False) -> torch.Tensor:
@@ -81,3 +84,43 @@ def test_torch_cuda_matmul_setting_comes_back(mode):
         assert flags.fp32_precision == "tf32"
     finally:
         flags.fp32_precision = before
+
+
+def test_fastdals_own_matmuls_follow_the_mode():
+    """The labeled head gradient, the features' projections and inner products and the k-center distances
+    run their GEMMs under the mode, whatever the user set; the user's setting comes back afterwards."""
+    # fastdal.features is also the name of a function in fastdal's namespace: import the module by path
+    features = importlib.import_module("fastdal.features")
+    ops = importlib.import_module("fastdal.ops")
+    strategies = importlib.import_module("fastdal.al.strategies")
+
+    seen = []
+
+    @precision.follows_mode
+    def probe():
+        seen.append(torch.backends.cuda.matmul.fp32_precision)
+
+    flags = torch.backends.cuda.matmul
+    before = flags.fp32_precision
+    flags.fp32_precision = "tf32"
+    try:
+        probe()
+        with fastdal.matmul_precision("tf32"):
+            probe()
+        with fastdal.matmul_precision("ieee"):
+            probe()
+        assert seen == ["ieee", "tf32", "ieee"]
+        assert flags.fp32_precision == "tf32"
+    finally:
+        flags.fp32_precision = before
+    decorated = [
+        ops.last_layer_labeled_grad,
+        features._apply,
+        features.FactoredBlock.inner,
+        features.FactoredBlock.dot,
+        features.ProjectedBlock.inner,
+        features.ProjectedBlock.dot,
+        strategies.k_center_greedy,
+    ]
+    for fn in decorated:
+        assert getattr(fn, "__wrapped__", None) is not None and fn.__code__ is probe.__code__, fn.__qualname__

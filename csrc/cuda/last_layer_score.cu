@@ -18,8 +18,9 @@
 // * larger K: 8 rows x 4 classes a thread, 8 adjacent lanes a row group, 256 rows x 32 classes a
 //   block; h is re-read (mostly from L2) once per class tile. The transposed W and G_W chunks are
 //   stored in a swizzled order that keeps the stores free of bank conflicts (RowChunk::store).
-// Precision: the op takes `precision` and validates it, but every value runs these SIMT (FFMA)
-// kernels for now, exact fp32, which meets the contract of each; tensor cores are not wired in.
+// Precision: "ieee", float64 and K <= 16 run these SIMT (FFMA) kernels; float32 with K > 16 and
+// "tf32x3" (the default) or "tf32" runs last_layer_tc_kernel below on TF32 tensor cores, where the
+// device code has them (sm_80 on), and the SIMT wide shape elsewhere.
 // At the end of a class tile each thread folds its values into one online-softmax state per row,
 // the row group's lanes merge theirs by shuffles, and one lane merges the result into the row's
 // state in shared memory; no N x K array exists. When the row tiles alone cannot fill the GPU
@@ -232,7 +233,7 @@ struct RowChunk {
 // VEC: elements of a global load (1, or 16 bytes when D and the pointers allow); fewer, wider loads
 // keep the registers holding the next chunk few.
 template <typename T, typename S, bool HAS_GW, int VEC>
-__global__ void __launch_bounds__(kThreads) last_layer_kernel(const HeadArgs<T> p) {
+__global__ void __launch_bounds__(kThreads, 1) last_layer_kernel(const HeadArgs<T> p) {
   constexpr int BN = S::BLOCK_N, BK = S::BLOCK_K, TM = S::TM, TN = S::TN, NTX = S::NTX, NTY = S::NTY;
   constexpr int BD = 64 / sizeof(T);  // 64 bytes of each row a chunk: two full sectors
   constexpr bool kOneTile = S::ONE_TILE;
@@ -369,6 +370,131 @@ __global__ void __launch_bounds__(kThreads) last_layer_kernel(const HeadArgs<T> 
   }
 }
 
+// Tensor cores (float32, precision "tf32x3" or "tf32", K > 16: the GEMM-bound shapes). A block owns
+// 128 rows x 32 classes a class tile; warp w computes rows 16 w.. of the tile: the 16 x 32 blocks of
+// z = h W^T and c = h G_W^T as two 16 x 16 TF32 WMMA fragments each (tc::warp_mma, 3xTF32 by
+// default), fed from 32-float chunks of D staged in shared memory (the next chunk is fetched into
+// registers while the current one is multiplied). h is staged as [row][d] (matrix_a, row-major) and
+// W, G_W as they lie in memory, [class][d], which is matrix_b (d x class) in column-major: no
+// transposed stores. Fragment loads with a leading dimension of 36 floats hit 32 distinct banks.
+// When the class tile is complete, the fragments go to a z and a c scratch tile in shared memory
+// (overlaying the staging buffers, which are consumed by then), and each row is folded by the
+// same 2 threads every tile, 16 classes each, into an online-softmax state that lives in the
+// registers of those threads; ||h||^2 rides along the first class tile in the same threads.
+// (K <= 16 stays on the SIMT narrow shape above: it reads h once and is bandwidth-bound, so tensor
+// cores would not speed it up.) h is re-read, mostly from L2, once per class tile.
+struct TcShape {
+  static constexpr int BLOCK_N = 128, BLOCK_K = 32;
+  static constexpr bool ONE_TILE = false;
+  static constexpr int BD = 32;                 // floats of D a chunk
+  static constexpr int LD = BD + 4;             // staging leading dimension (WMMA: multiple of 4 floats)
+  static constexpr int LDS = BLOCK_K + 4;       // scratch leading dimension
+  static constexpr int kWarps = kThreads / 32;  // 8 warps x 16 rows = BLOCK_N
+  static_assert(kWarps * tc::kM == BLOCK_N && 2 * tc::kN == BLOCK_K, "a warp: 16 rows x 32 classes");
+  static_assert(2 * BLOCK_N == kThreads, "two threads fold each row");
+};
+
+template <Precision P, bool HAS_GW, int VEC>
+__global__ void __launch_bounds__(kThreads, 1) last_layer_tc_kernel(const HeadArgs<float> p) {
+#if FASTDAL_TENSOR_CORES
+  using S = TcShape;
+  constexpr int BN = S::BLOCK_N, BK = S::BLOCK_K, BD = S::BD, LD = S::LD, LDS = S::LDS;
+  constexpr int kStage = (BN + (HAS_GW ? 2 : 1) * BK) * LD;   // h, W, G_W chunks
+  constexpr int kScratch = (HAS_GW ? 2 : 1) * BN * LDS;        // z, c tiles
+  __shared__ __align__(128) float smem[kStage > kScratch ? kStage : kScratch];
+  float* const hs = smem;
+  float* const ws = hs + BN * LD;
+  float* const gs = ws + BK * LD;  // HAS_GW only
+  float* const zs = smem;          // overlays the staging buffers once a class tile is multiplied
+  float* const cs = zs + BN * LDS;  // HAS_GW only
+
+  const int tid = threadIdx.x, warp = tid / 32;
+  const int fold_row = tid / 2, half = tid % 2;  // this thread folds classes 16 half.. of row fold_row
+  const int64_t row0 = static_cast<int64_t>(blockIdx.x) * BN;
+  const int64_t d = p.d;
+  const int k_tiles = static_cast<int>(ceil_div(p.k, BK));
+  const int kt_begin = blockIdx.y * p.tiles_per_split;
+  const int kt_end = min(kt_begin + p.tiles_per_split, k_tiles);
+  const int d_chunks = d > 0 ? static_cast<int>(ceil_div(d, BD)) : 1;
+  const int steps = (kt_end - kt_begin) * d_chunks;
+
+  RowChunk<float, BN, BD, VEC> h_chunk;
+  RowChunk<float, BK, BD, VEC> w_chunk, g_chunk;
+  auto fetch = [&](int step) {
+    const int64_t k0 = static_cast<int64_t>(kt_begin + step / d_chunks) * BK;
+    const int64_t d0 = static_cast<int64_t>(step % d_chunks) * BD;
+    h_chunk.load(p.h + row0 * d + d0, d, p.n - row0, d - d0, tid);
+    w_chunk.load(p.w + k0 * d + d0, d, p.k - k0, d - d0, tid);
+    if constexpr (HAS_GW) g_chunk.load(p.gw + k0 * d + d0, d, p.k - k0, d - d0, tid);
+  };
+
+  tc::Acc acc_z[1][2], acc_c[1][2];
+  tc::fill_zero(acc_z);
+  tc::fill_zero(acc_c);
+  SoftmaxState state = empty_state();  // row fold_row, complete in the even thread after each fold
+  acc_t h_sq = 0;                      // this thread's half of ||h||^2 of row fold_row
+
+  fetch(0);
+  for (int step = 0; step < steps; ++step) {
+    __syncthreads();  // the previous chunk (or scratch tile) has been read by all
+    h_chunk.template store<false>(hs, LD, tid);
+    w_chunk.template store<false>(ws, LD, tid);
+    if constexpr (HAS_GW) g_chunk.template store<false>(gs, LD, tid);
+    __syncthreads();
+    if (step + 1 < steps) fetch(step + 1);  // in flight while this chunk is multiplied
+
+    const int kt = kt_begin + step / d_chunks;
+    const float* const a = hs + warp * tc::kM * LD;
+    tc::warp_mma<P, 1, 2, BD / tc::kK, tc::row_major, tc::col_major>(acc_z, a, LD, ws, LD);
+    if constexpr (HAS_GW) {
+      tc::warp_mma<P, 1, 2, BD / tc::kK, tc::row_major, tc::col_major>(acc_c, a, LD, gs, LD);
+      if (kt == kt_begin) {  // ||h||^2 rides along the first class tile
+#pragma unroll
+        for (int j = 0; j < BD / 2; ++j) {
+          const acc_t v = hs[fold_row * LD + half * (BD / 2) + j];
+          h_sq = fma(v, v, h_sq);
+        }
+      }
+    }
+
+    if (step % d_chunks == d_chunks - 1) {  // the class tile is complete: fold it in
+      __syncthreads();                      // every warp is done with the staging buffers
+      tc::store(zs + warp * tc::kM * LDS, LDS, acc_z);
+      if constexpr (HAS_GW) tc::store(cs + warp * tc::kM * LDS, LDS, acc_c);
+      tc::fill_zero(acc_z);
+      tc::fill_zero(acc_c);
+      __syncthreads();
+      SoftmaxState st = empty_state();
+      const int k0 = kt * BK + half * (BK / 2);
+#pragma unroll 4
+      for (int j = 0; j < BK / 2; ++j) {
+        const int k = k0 + j;
+        if (k < p.k) {
+          const int at = fold_row * LDS + half * (BK / 2) + j;
+          const float z = zs[at] + (p.b ? p.b[k] : 0.0f);  // rounded to float, as the torch backend's
+          const acc_t c = (HAS_GW ? static_cast<acc_t>(cs[at]) : acc_t(0)) + (p.gb ? p.gb[k] : 0.0f);
+          push(st, z, c, k);
+        }
+      }
+      merge(st, shfl_xor(st, 1));  // the row's other half; ties go to the lower index either way
+      merge(state, st);
+    }
+  }
+
+  const acc_t row_h_sq = h_sq + __shfl_xor_sync(0xffffffffu, h_sq, 1);
+  const int64_t row = row0 + fold_row;
+  if (half == 0 && row < p.n) {
+    const acc_t scale = (HAS_GW ? row_h_sq : acc_t(0)) + (p.gb ? 1 : 0);
+    if (gridDim.y == 1) {
+      write_row(state, scale, p.gamma, p.out, row);
+    } else {
+      p.part[blockIdx.y * p.n + row] = state;
+      if (blockIdx.y == 0) p.scale[row] = scale;
+    }
+  }
+#endif
+}
+
 // Merges the per-split states of each row (one thread a row), in class order.
 template <typename T>
 __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const HeadArgs<T> p, int splits) {
@@ -379,11 +505,17 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const HeadArgs<T
   write_row(st, p.scale[row], p.gamma, p.out, row);
 }
 
-template <typename T, typename S, bool HAS_GW>
-void launch(HeadArgs<T> p, const at::Tensor& h) {
+// Whether the kernels may load 16 bytes at a time: D a multiple of the vector and aligned matrices.
+template <typename T>
+bool vector_loads(const HeadArgs<T>& p) {
   constexpr int kVec = 16 / sizeof(T);
   const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  const bool vec = p.d % kVec == 0 && aligned(p.h) && aligned(p.w) && (p.gw == nullptr || aligned(p.gw));
+  return p.d % kVec == 0 && aligned(p.h) && aligned(p.w) && (p.gw == nullptr || aligned(p.gw));
+}
+
+// Launches kernel, whose tiles are S's, over the row tiles and (where needed) class-tile splits.
+template <typename T, typename S>
+void launch(HeadArgs<T> p, const at::Tensor& h, void (*kernel)(HeadArgs<T>)) {
   const int64_t row_tiles = ceil_div(p.n, S::BLOCK_N);
   const int64_t k_tiles = ceil_div(p.k, S::BLOCK_K);
   TORCH_CHECK(!S::ONE_TILE || k_tiles == 1, "fastdal (cuda): internal error: a one-tile shape for K = ", p.k);
@@ -405,11 +537,7 @@ void launch(HeadArgs<T> p, const at::Tensor& h) {
   }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const dim3 grid(static_cast<unsigned>(row_tiles), static_cast<unsigned>(splits));
-  if (vec) {
-    last_layer_kernel<T, S, HAS_GW, kVec><<<grid, kThreads, 0, stream>>>(p);
-  } else {
-    last_layer_kernel<T, S, HAS_GW, 1><<<grid, kThreads, 0, stream>>>(p);
-  }
+  kernel<<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
     merge_splits_kernel<T><<<static_cast<unsigned>(ceil_div(p.n, kThreads)), kThreads, 0, stream>>>(
@@ -418,18 +546,39 @@ void launch(HeadArgs<T> p, const at::Tensor& h) {
   }
 }
 
+template <typename T, typename S, bool HAS_GW>
+void launch_simt(const HeadArgs<T>& p, const at::Tensor& h) {
+  constexpr int kVec = 16 / sizeof(T);
+  launch<T, S>(p, h, vector_loads(p) ? last_layer_kernel<T, S, HAS_GW, kVec> : last_layer_kernel<T, S, HAS_GW, 1>);
+}
+
+// The tensor-core kernel for a precision other than "ieee".
+template <bool HAS_GW>
+auto tc_kernel(Precision prec, bool vec) {
+  if (prec == Precision::kTf32x3) {
+    return vec ? last_layer_tc_kernel<Precision::kTf32x3, HAS_GW, 4> : last_layer_tc_kernel<Precision::kTf32x3, HAS_GW, 1>;
+  }
+  return vec ? last_layer_tc_kernel<Precision::kTf32, HAS_GW, 4> : last_layer_tc_kernel<Precision::kTf32, HAS_GW, 1>;
+}
+
 template <typename T, bool HAS_GW>
-void dispatch_shape(const HeadArgs<T>& p, const at::Tensor& h) {
-  if (p.k <= 4) return launch<T, NarrowShape<4>, HAS_GW>(p, h);
-  if (p.k <= 8) return launch<T, NarrowShape<8>, HAS_GW>(p, h);
-  if (p.k <= 12) return launch<T, NarrowShape<12>, HAS_GW>(p, h);
+void dispatch_shape(const HeadArgs<T>& p, const at::Tensor& h, Precision prec) {
+  if (p.k <= 4) return launch_simt<T, NarrowShape<4>, HAS_GW>(p, h);
+  if (p.k <= 8) return launch_simt<T, NarrowShape<8>, HAS_GW>(p, h);
+  if (p.k <= 12) return launch_simt<T, NarrowShape<12>, HAS_GW>(p, h);
   // float64 with G_W holds 2 x 16 doubles of z, of c and of W and G_W a step: more than 255
   // registers (ptxas spills). The wide shape serves K <= 32 as a single class tile too, so h is
   // still read once; it only computes 32 columns instead of 16.
   if constexpr (!(std::is_same_v<T, double> && HAS_GW)) {
-    if (p.k <= 16) return launch<T, NarrowShape<16>, HAS_GW>(p, h);
+    if (p.k <= 16) return launch_simt<T, NarrowShape<16>, HAS_GW>(p, h);
   }
-  launch<T, WideShape, HAS_GW>(p, h);
+  if constexpr (std::is_same_v<T, float>) {
+    if (prec != Precision::kIeee) {
+      const auto kernel = tc_kernel<HAS_GW>(prec, vector_loads(p));
+      if (has_tensor_cores(kernel)) return launch<float, TcShape>(p, h, kernel);
+    }
+  }
+  launch_simt<T, WideShape, HAS_GW>(p, h);
 }
 
 void check_inputs(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
@@ -467,9 +616,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> last_layer_score_cuda
     const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
     const std::optional<at::Tensor>& weight_grad, const std::optional<at::Tensor>& bias_grad, double gamma,
     std::string_view precision) {
-  // Validated on every path; the tensor-core path of this op is not written yet, so every precision
-  // runs the SIMT (exact fp32 FFMA) kernels below, which meets the contract of all three.
-  precision_of(precision);
+  const Precision prec = precision_of(precision);
   check_inputs(h, weight, bias, weight_grad, bias_grad);
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t n = h.size(0);
@@ -492,9 +639,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> last_layer_score_cuda
     p.out = {score.data_ptr<scalar_t>(), sq.data_ptr<scalar_t>(), dot.data_ptr<scalar_t>(),
              label.data_ptr<int64_t>()};
     if (p.gw != nullptr) {
-      dispatch_shape<scalar_t, true>(p, h);
+      dispatch_shape<scalar_t, true>(p, h, prec);
     } else {
-      dispatch_shape<scalar_t, false>(p, h);
+      dispatch_shape<scalar_t, false>(p, h, prec);
     }
   });
   return {score, sq, dot, label};

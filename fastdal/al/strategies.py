@@ -18,6 +18,7 @@ from torch import Tensor
 
 import fastdal
 
+from .. import precision
 from ..selection import check_budget
 from ..torch_ops import chunks
 from .strategy import RoundState, Strategy, StrategyFactory
@@ -94,6 +95,7 @@ class Coreset(PoolStrategy):
         return k_center_greedy(points, centers, b)
 
 
+@precision.follows_mode
 def k_center_greedy(points: Tensor, centers: Tensor, b: int) -> Tensor:
     """Positions into ``points`` of ``b`` new centers, chosen greedily (the 2-approximation of k-center).
 
