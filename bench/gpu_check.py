@@ -216,28 +216,13 @@ def ceilings(dry: bool, timer: Timer, budget: Budget) -> dict[str, float]:
 
 
 def cases(dry: bool, full: bool) -> list[dict[str, Any]]:
-    """Benchmark cases, most important first (the budget cuts the tail)."""
+    """Benchmark cases (bench/op_cases.py), most important first (the budget cuts the tail)."""
+    import op_cases
+
     if dry:
-        return [
-            {"op": "last_layer_score", "n": 64, "d": 16, "k": 10},
-            {"op": "last_layer_score", "n": 64, "d": 16, "k": 100},
-            {"op": "linear_sample_score", "n": 4, "t": 16, "d_in": 9, "d_out": 4},
-            {"op": "kron_project", "n": 4, "t": 16, "d_in": 9, "d_out": 4, "r": 4},
-            {"op": "factored_min_distance", "n": 100, "k": 10, "d": 16},
-        ]
-    big = [{"op": "last_layer_score", "n": 1 << 20, "d": 2048, "k": 131072, "full": True}] if full else []
-    return [
-        {"op": "last_layer_score", "n": 1 << 20, "d": 2048, "k": 10},
-        {"op": "last_layer_score", "n": 1 << 20, "d": 2048, "k": 1000},
-        {"op": "last_layer_score", "n": 8192, "d": 2048, "k": 131072},
-        {"op": "linear_sample_score", "n": 128, "t": 1024, "d_in": 288, "d_out": 64},
-        {"op": "linear_sample_score", "n": 128, "t": 1024, "d_in": 576, "d_out": 128},
-        {"op": "linear_sample_score", "n": 128, "t": 1, "d_in": 512, "d_out": 1000, "ghost": True},
-        {"op": "kron_project", "n": 128, "t": 1024, "d_in": 288, "d_out": 64, "r": 16},
-        {"op": "kron_project", "n": 4096, "t": 1, "d_in": 512, "d_out": 1000, "r": 32},
-        {"op": "factored_min_distance", "n": 50000, "k": 1000, "d": 512},
-        *big,
-    ]
+        return [dict(c) for c in op_cases.DRY_RUN]
+    big = [{**c, "full": True} for c in op_cases.FULL_SIZE] if full else []
+    return [dict(c) for c in op_cases.GPU_ROOFLINE + op_cases.LAYERS] + big
 
 
 def benchmark(dry: bool, full: bool, budget: Budget, measured: dict[str, float], device_name: str) -> list[dict]:

@@ -8,7 +8,7 @@ Triton: each ``@triton.jit`` kernel of ``kernels/`` is compiled with ``triton.co
 target=GPUTarget("cuda", 90, 32))`` in every configuration its launcher's ``config()`` picks for the shapes
 of tests/test_ops.py (its shape lists, the literal shapes of its helper calls and parametrize lists, read
 by parsing the file: importing it would import tests/conftest.py, which sets TRITON_INTERPRET=1) and of
-bench/test_ops_bench.py's CASES, the GPU-only N=1M, D=2048 cases included. Every distinct configuration
+every op benchmark (bench/op_cases.py), the GPU-only N=1M, D=2048 cases included. Every distinct configuration
 is compiled once at the default precision ``"tf32x3"``; ``last_layer_score``'s main configurations also
 at ``"ieee"``, for comparison (reported, not budgeted). Each Triton version is compiled in a subprocess
 of its own: the installed one and the GPU machine's 3.6.0 (``--triton 3.6.0=DIR``, a ``pip --target``
@@ -209,22 +209,11 @@ def test_shapes(path: Path) -> list[dict[str, Any]]:
     return shapes
 
 
-def bench_shapes(path: Path) -> list[dict[str, Any]]:
-    """Shapes of bench/test_ops_bench.py's CASES, the GPU-only ones (a list comprehension) included."""
-    tree = ast.parse(path.read_text())
-    cases: list[dict] = []
-    for node in tree.body:
-        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "CASES" for t in node.targets):
-            cases = list(ast.literal_eval(node.value))
-        elif isinstance(node, ast.If):  # `if DEVICE == "cuda": CASES += [... for k in (...)]`
-            for inner in node.body:
-                target = getattr(inner, "target", None)
-                if isinstance(inner, ast.AugAssign) and isinstance(target, ast.Name) and target.id == "CASES":
-                    # a literal comprehension of the repository's own file, evaluated without builtins
-                    code = compile(ast.Expression(inner.value), str(path), "eval")
-                    cases += list(eval(code, {"__builtins__": {}}))
-    if not cases:
-        raise ValueError(f"{path}: no CASES found")
+def bench_shapes() -> list[dict[str, Any]]:
+    """Shapes of every op benchmark (bench/op_cases.py), the GPU-only and full-size ones included."""
+    import op_cases  # bench/ is this script's directory, so it is on sys.path
+
+    cases = op_cases.LAST_LAYER + op_cases.LAYERS + op_cases.GPU_ROOFLINE + op_cases.FULL_SIZE + op_cases.DRY_RUN
     shapes = []
     for spec in cases:
         op, source = spec["op"], "bench " + ",".join(f"{k}={v}" for k, v in spec.items() if k != "op")
@@ -479,7 +468,7 @@ def triton_worker(out: Path) -> None:
     from triton.backends.compiler import GPUTarget
 
     modules = _kernel_modules()
-    shapes = test_shapes(ROOT / "tests" / "test_ops.py") + bench_shapes(ROOT / "bench" / "test_ops_bench.py")
+    shapes = test_shapes(ROOT / "tests" / "test_ops.py") + bench_shapes()
     distinct: dict[tuple, dict] = {}  # a shape listed twice keeps its first source
     for shape in shapes:
         distinct.setdefault(tuple(shape[f] for f in ("op", *SHAPE_FIELDS[shape["op"]])), shape)

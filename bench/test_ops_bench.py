@@ -5,7 +5,7 @@ process per measurement).
 
     python -m pytest bench/test_ops_bench.py            # writes bench/results/ops-<cpu|cuda>.json
 
-Shapes: ``last_layer_score`` at N=16384, D=512 for K in {10, 1000}, and its memory at K=32000 for two
+Shapes (bench/op_cases.py): ``last_layer_score`` at N=16384, D=512 for K in {10, 1000}, and its memory at K=32000 for two
 values of N (no N x K buffer means the extra memory does not grow with N); ``linear_sample_score``
 on the vanilla CNN's conv layers (batch 128, 32x32 maps, unfold layout, direct norm) and a
 K=1000 linear head (T=1, ghost norm). On a GPU: ``last_layer_score`` at N=1M, D=2048 for K in
@@ -24,6 +24,7 @@ import os
 import statistics
 import time
 
+import op_cases
 import pytest
 import torch
 from gpu_check import peaks, roofline_fractions
@@ -41,24 +42,11 @@ BACKENDS = [
     if backends.available()[b] is None
 ]
 
-CASES = [
-    {"op": "last_layer_score", "n": 16384, "d": 512, "k": 10},
-    {"op": "last_layer_score", "n": 16384, "d": 512, "k": 1000},
-    {"op": "last_layer_score", "n": 2048, "d": 512, "k": 32000},
-    {"op": "last_layer_score", "n": 8192, "d": 512, "k": 32000},
-    {"op": "linear_sample_score", "n": 128, "t": 1024, "d_in": 27, "d_out": 32},
-    {"op": "linear_sample_score", "n": 128, "t": 1024, "d_in": 288, "d_out": 64},
-    {"op": "linear_sample_score", "n": 128, "t": 1024, "d_in": 576, "d_out": 128},
-    {"op": "linear_sample_score", "n": 128, "t": 1, "d_in": 512, "d_out": 1000, "ghost": True},
-    {"op": "kron_project", "n": 128, "t": 1024, "d_in": 288, "d_out": 64, "r": 16},
-    {"op": "kron_project", "n": 4096, "t": 1, "d_in": 512, "d_out": 1000, "r": 32},
-    {"op": "factored_min_distance", "n": 50000, "k": 1000, "d": 512},
-]
+CASES = op_cases.LAST_LAYER + op_cases.LAYERS
 if DEVICE == "cuda":
-    CASES += [{"op": "last_layer_score", "n": 1 << 20, "d": 2048, "k": k} for k in (10, 1000)]
-    CASES += [{"op": "last_layer_score", "n": 8192, "d": 2048, "k": 131072}]
+    CASES += op_cases.GPU_ROOFLINE
     if os.environ.get("FASTDAL_BENCH_FULL") == "1":
-        CASES += [{"op": "last_layer_score", "n": 1 << 20, "d": 2048, "k": 131072}]
+        CASES += op_cases.FULL_SIZE
 
 # A call of over a TFLOP (~20 ms and up on an H100/H200) gets few rounds; at N=1M, K=131072 (over a
 # PFLOP) one round, no paired speed-up and no memory subprocess (each would repeat a ~17 s call).
