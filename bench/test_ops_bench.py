@@ -5,8 +5,8 @@ process per measurement).
 
     python -m pytest bench/test_ops_bench.py            # writes bench/results/ops-<cpu|cuda>.json
 
-Shapes (bench/op_cases.py): ``last_layer_score`` at N=16384, D=512 for K in {10, 1000}, and its memory at K=32000 for two
-values of N (no N x K buffer means the extra memory does not grow with N); ``linear_sample_score``
+Shapes (bench/op_cases.py): ``last_layer_score`` at N=16384, D=512 for K in {10, 1000}, and its memory at K=32000 for
+two values of N (no N x K buffer means the extra memory does not grow with N); ``linear_sample_score``
 on the vanilla CNN's conv layers (batch 128, 32x32 maps, unfold layout, direct norm) and a
 K=1000 linear head (T=1, ghost norm). On a GPU: ``last_layer_score`` at N=1M, D=2048 for K in
 {10, 1000}, and K=131072 at N=8192 (at N=1M one call is ~17 s at the FP32 peak; set
