@@ -714,7 +714,8 @@ def check(result: dict[str, Any]) -> list[str]:
         f = nv.get("files", {}).get(name)
         if f is None or not f["ok"]:
             continue
-        fp32 = [r for r in nv["records"] if r["file"] == name and "<float" in r["short"]]
+        # float32: no double in the demangled signature (tensor-core kernels name a precision, not a dtype)
+        fp32 = [r for r in nv["records"] if r["file"] == name and "double" not in r["function"]]
         if not any(r["tensor_core_total"] > 0 for r in fp32):
             failures.append(
                 f"nvcc {name}: no float32 __global__ function has tensor-core instructions "

@@ -101,19 +101,19 @@ def config(t: int, d_in: int, d_out: int, r_in: int, r_out: int) -> dict:
     """
     block_i, block_o = (min(32, max(16, triton.next_power_of_2(x))) for x in (d_in, d_out))
     block_ri, block_ro = (min(64, max(16, triton.next_power_of_2(x))) for x in (r_in, r_out))
-    rank_tile = block_ri * block_ro
     # rank tiles of 64 x 64 leave room for 16 positions a step only
-    block_t = min(16 if rank_tile >= 64 * 64 else 32, max(16, triton.next_power_of_2(t)))
-    wide = rank_tile >= 32 * 32
+    block_t = min(16 if block_ri * block_ro >= 64 * 64 else 32, max(16, triton.next_power_of_2(t)))
+    # 8 warps share all but the smallest tiles (with 4, ptxas keeps 128 registers and spills; so does
+    # a single stage on Triton 3.6)
+    warps = 8 if block_t * max(block_i, block_o, block_ri, block_ro) >= 32 * 16 else 4
     return {
         "BLOCK_T": block_t,
         "BLOCK_I": block_i,
         "BLOCK_O": block_o,
         "BLOCK_RI": block_ri,
         "BLOCK_RO": block_ro,
-        # 8 warps share the larger rank tiles; with 4, the second pipeline stage's tiles spill
-        "num_warps": 8 if wide else 4,
-        "num_stages": 2 if wide else 1,
+        "num_warps": warps,
+        "num_stages": 2,
     }
 
 

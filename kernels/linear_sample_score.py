@@ -188,7 +188,9 @@ def config(kind: str, t: int, d_in: int, d_out: int) -> dict:
         block_t, block_o, block_i = block(t, 32), block(d_out, 64), block(d_in, 64)
         warps = 8 if block_o * block_i >= 64 * 64 else 4
     elif kind == "ghost_sq":  # two (T x T) Gram tiles, reduced over d_in and d_out
-        block_t, block_o, block_i = block(t, 64), block(d_out, 32), block(d_in, 32)
+        block_t = block(t, 64)
+        cap = 16 if block_t == 64 else 32  # two T x T tiles of 64 leave room for 16-wide steps only
+        block_o, block_i = block(d_out, cap), block(d_in, cap)
         warps = 8 if block_t * max(block_o, block_i) >= 32 * 32 else 4
     else:  # a (T x d_out) tile of a G^T, reduced over d_in
         block_t, block_o, block_i = block(t, 64), block(d_out, 64), block(d_in, 32)

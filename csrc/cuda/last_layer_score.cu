@@ -207,9 +207,24 @@ struct RowChunk {
   // their elements in the order j ^ 2 instead: for lds = 4 mod 32 the warp's 8 rows x 4 threads then
   // cover the 32 banks exactly once a store. (A select of two compile-time indices, not a
   // dynamically indexed array: the values stay in registers.)
+  //
+  // Row-major VEC > 1 chunks whose rows are whole vectors (lds % VEC == 0, the staging of the
+  // tensor-core kernel) go as one 16-byte store a vector: a quarter-warp then writes 128
+  // contiguous bytes of one row, free of bank conflicts.
   template <bool TRANSPOSED>
   __device__ __forceinline__ void store(T* s, int lds, int tid) const {
     const int c = col_of(tid);
+    if constexpr (!TRANSPOSED && VEC > 1) {
+      if (lds % VEC == 0) {
+#pragma unroll
+        for (int pass = 0; pass < kPasses; ++pass) {
+          const int r = row_of(pass, tid);
+          if (ROWS % kRowsPerPass != 0 && r >= ROWS) break;
+          *reinterpret_cast<V*>(s + r * lds + c) = v[pass];
+        }
+        return;
+      }
+    }
     constexpr bool kSwizzle = TRANSPOSED && VEC == 4 && std::is_same_v<T, float>;
     const bool swap = kSwizzle && (c / VEC) % 4 >= 2;
 #pragma unroll
