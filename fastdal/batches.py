@@ -15,6 +15,10 @@ from torch.utils.data.sampler import BatchSampler
 InputsFn = Callable[[Any], Any]
 
 
+# Keys of a dict batch that hold the labels (Hugging Face's collators name them "labels"), never model inputs.
+LABEL_KEYS = ("labels", "label")
+
+
 def check_loader(loader: object, argument: str, *, pool: bool) -> None:
     """Refuse what cannot be iterated as batches, and pool loaders that would reorder or drop samples."""
     if isinstance(loader, Tensor) or not isinstance(loader, Iterable):
@@ -134,10 +138,16 @@ def split_batch(batch: Any, inputs: InputsFn | None) -> tuple[tuple, dict]:
         return (batch,), {}
     if isinstance(batch, (tuple, list)) and batch and isinstance(batch[0], Tensor):
         return (batch[0],), {}
+    if isinstance(batch, Mapping):
+        # A Hugging Face-style batch (input_ids, attention_mask, ...): keyword arguments. Its labels are
+        # left out: given labels, such models also compute a loss, and a pool's labels are not to be read.
+        kwargs = {k: v for k, v in batch.items() if k not in LABEL_KEYS}
+        if kwargs:
+            return (), kwargs
     raise TypeError(
-        f"cannot read model inputs from a batch of type {_describe(batch)}: expected a tensor or a "
-        "tuple/list whose first element is the input tensor; pass inputs=lambda batch: ... to map "
-        "other batch structures to model arguments"
+        f"cannot read model inputs from a batch of type {_describe(batch)}: expected a tensor, a "
+        "tuple/list whose first element is the input tensor, or a dict of keyword arguments; pass "
+        "inputs=lambda batch: ... to map other batch structures to model arguments"
     )
 
 
@@ -147,10 +157,12 @@ def batch_labels(batch: Any, labels: Callable[[Any], Tensor] | None) -> Tensor:
         value = labels(batch)
     elif isinstance(batch, (tuple, list)) and len(batch) >= 2:
         value = batch[1]
+    elif isinstance(batch, Mapping) and any(k in batch for k in LABEL_KEYS):
+        value = batch[next(k for k in LABEL_KEYS if k in batch)]
     else:
         raise TypeError(
-            f"cannot read labels from a labeled batch of type {_describe(batch)}: expected (inputs, labels); "
-            "pass labels=lambda batch: ... to say where the labels are"
+            f"cannot read labels from a labeled batch of type {_describe(batch)}: expected (inputs, labels) or a "
+            f"dict with a key in {list(LABEL_KEYS)}; pass labels=lambda batch: ... to say where the labels are"
         )
     if not isinstance(value, Tensor):
         value = torch.as_tensor(value)
