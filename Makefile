@@ -1,7 +1,7 @@
 # The two set-up commands of the README: `make demo` and `make test`. Each installs what it needs.
 PYTHON ?= python3
 
-.PHONY: deps install test fuzz demo bench cmake lint gpu-check gpu-compile
+.PHONY: deps deps-integrations install test fuzz demo bench cmake lint gpu-check gpu-compile
 
 # torch 2.13.0 (CPU) is installed only where no torch is present, so that a CUDA build already on a
 # GPU machine is used as it is; likewise triton (3.7.1 pairs with torch 2.13). The other packages do
@@ -12,12 +12,28 @@ deps:
 	@$(PYTHON) -c "import numpy, tqdm, sklearn, pytest, pytest_benchmark, matplotlib, mlxtend, hypothesis" 2>/dev/null || \
 		$(PYTHON) -m pip install numpy tqdm scikit-learn pytest pytest-benchmark matplotlib mlxtend hypothesis
 
+# The active-learning libraries fastdal.integrations adapts, pinned, for their tests and examples. Each
+# depends on torch (or on a package that does), so they go in with --no-deps, followed by their pure-Python
+# dependencies by name; the last line fails if torch was replaced along the way. (baal's jupyter dependency is
+# for its notebooks only and is left out.)
+INTEGRATIONS := baal==2.1.0 scikit-activeml==1.0.1 skorch==1.4.0 small-text==1.4.1 transformers==5.24.0 \
+	huggingface-hub==2.4.0 tokenizers==0.23.3 safetensors==0.8.0 torchmetrics==1.9.0 lightning-utilities==0.15.3
+INTEGRATION_DEPS := "structlog>=22,<23" makefun tabulate dill pyyaml regex typer "click>=8.4.2" filelock fsspec \
+	httpx2 packaging typing-extensions pillow joblib
+deps-integrations: deps
+	@$(PYTHON) -c "import baal, skactiveml, skorch, small_text, transformers" 2>/dev/null || { \
+		before=$$($(PYTHON) -c "import torch; print(torch.__version__)") && \
+		$(PYTHON) -m pip install --no-deps $(INTEGRATIONS) && $(PYTHON) -m pip install $(INTEGRATION_DEPS) && \
+		test "$$($(PYTHON) -c 'import torch; print(torch.__version__)')" = "$$before"; }
+
 install: deps
 	$(PYTHON) -m pip install -e . --no-build-isolation --no-deps
 
-# Builds fastdal._C in place, so that the tests exercise the compiled backends.
-test: install
+# Builds fastdal._C in place, so that the tests exercise the compiled backends; the integration tests and
+# the examples run against the real libraries.
+test: install deps-integrations
 	$(PYTHON) -m pytest -q
+	@for example in examples/*.py; do echo "== $$example"; $(PYTHON) $$example || exit 1; done
 
 # The property-based exactness suite with 5000 fresh examples (make test replays a fixed 300).
 fuzz: install
