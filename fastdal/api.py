@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from functools import partial
 from typing import Any
 
 import torch
 from torch import Tensor, nn
 
-from . import backends, reference, selection
+from . import backends, distributed, reference, selection
 from .batches import (
     batch_labels,
     check_finite,
@@ -50,6 +50,8 @@ def score(
     return_components: bool = False,
     inputs: Callable[[Any], Any] | None = None,
     outputs: Callable[[Any], Tensor] | None = None,
+    group: Any = None,
+    indices: Sequence[int] | Tensor | None = None,
 ) -> Tensor | ScoreResult:
     """Dynamic-AL score ``||g_u||^2 + gamma <g_u, G>`` of every pool sample, in pool order.
 
@@ -68,14 +70,74 @@ def score(
         return_components: return a :class:`ScoreResult` instead of the scores alone.
         inputs: maps a batch to model arguments (tensor, tuple or dict of keyword arguments).
         outputs: maps the model's output to its logits.
+        group: a torch.distributed process group to score across (default: the default group, when one is
+            initialized with more than one rank); each rank passes the loader over its own shard.
+        indices: over a process group, the global pool indices of this rank's samples in loader order
+            (default: those of its DistributedSampler, else shards consecutive in rank order).
 
     Returns:
-        ``(N,)`` scores on the CPU, float64 for a float64 model and float32 otherwise.
+        ``(N,)`` scores on the CPU, float64 for a float64 model and float32 otherwise; over a process group,
+        the whole pool's, in global order, on every rank (fastdal/distributed.py).
     """
+    group = distributed.active_group(group)
+    local = partial(
+        _score_here, model, pool_loader, labeled_grad, gamma, backend, device, progress, inputs, outputs, group
+    )
+    if group is None:
+        _check_no_indices(indices)
+        result = local()
+    else:
+        result = _gathered_scores(*_scored_shard(local, pool_loader, group, indices))
+    return result if return_components else result.score
+
+
+def _check_no_indices(indices: object) -> None:
+    if indices is not None:
+        raise ValueError("indices= gives a rank's shard of the pool; it needs a process group (group= or torchrun)")
+
+
+def _scored_shard(local: Callable[[], ScoreResult], pool_loader: Iterable, group: Any, indices: Any):
+    """This rank's scores, the global indices of its samples, which to keep, and the pool size N."""
+    shard = distributed.run_on_all(lambda: distributed.Shard(pool_loader, group, indices), group)
+    result = distributed.run_on_all(local, group, shard.local_to_global)
+    counts = distributed.gather_objects(result.score.shape[0], group)
+    index, keep, n = distributed.run_on_all(lambda: shard.resolve(result.score.shape[0], counts), group)
+    return result, index, keep, n, group
+
+
+def _gathered_scores(result: ScoreResult, index: Tensor, keep: Tensor, n: int, group: Any) -> ScoreResult:
+    """Every rank's kept scores, placed at their global indices, on every rank."""
+    mine = (index[keep], result.sq_norm[keep], result.dot[keep], result.pseudo_label[keep], result.score[keep])
+    parts = distributed.gather_objects(mine, group)
+    distributed.check_partition([p[0] for p in parts], n)
+    fields = []
+    for k in range(1, 5):
+        out = torch.empty(n, dtype=parts[0][k].dtype)
+        for part in parts:
+            out[part[0]] = part[k]
+        fields.append(out)
+    sq, dot, pseudo, total = fields
+    return ScoreResult(total, sq, dot, pseudo)
+
+
+def _score_here(
+    model: nn.Module,
+    pool_loader: Iterable,
+    labeled_grad: LabeledGrad | Mapping[str, Tensor],
+    gamma: float,
+    backend: str,
+    device: torch.device | str | None,
+    progress: bool | None,
+    inputs: Callable[[Any], Any] | None,
+    outputs: Callable[[Any], Tensor] | None,
+    group: Any,
+) -> ScoreResult:
+    """The scores of the samples ``pool_loader`` yields here (this rank's shard over a process group)."""
     gamma = check_gamma(gamma)
     backend = backends.requested(backend)
     backends.check_runs_here(backend)
-    check_loader(pool_loader, "pool_loader", pool=True)
+    check_loader(pool_loader, "pool_loader", pool=True, sharded=group is not None)
+    model = distributed.scored_module(model)
     grads = as_grad_dict(labeled_grad, model)
     check_batchnorm_statistics(model)
     params = dict(model.named_parameters())
@@ -93,8 +155,7 @@ def score(
             outputs=outputs,
             return_components=True,
         )
-        result = ScoreResult(*(t.to(dtype) for t in result[:3]), result.pseudo_label)
-        return result if return_components else result.score
+        return ScoreResult(*(t.to(dtype) for t in result[:3]), result.pseudo_label)
 
     parts: list[BatchTerms] = []
     covered = [params[n] for n in grads]
@@ -115,7 +176,8 @@ def score(
                 terms = full(batch, inputs, outputs, seen)
             parts.append(terms)
             seen += terms.pseudo_label.shape[0]
-    check_pool_count(pool_loader, seen)
+    if group is None:
+        check_pool_count(pool_loader, seen)
     if parts:
         sq = torch.cat([p.sq_norm for p in parts]).cpu()
         dot = torch.cat([p.dot for p in parts]).cpu()
@@ -124,8 +186,7 @@ def score(
         sq = torch.zeros(0, dtype=dtype)
         dot = torch.zeros(0, dtype=dtype)
         pseudo = torch.zeros(0, dtype=torch.long)
-    result = ScoreResult(sq + gamma * dot, sq, dot, pseudo)
-    return result if return_components else result.score
+    return ScoreResult(sq + gamma * dot, sq, dot, pseudo)
 
 
 def labeled_grad(
@@ -138,6 +199,7 @@ def labeled_grad(
     inputs: Callable[[Any], Any] | None = None,
     labels: Callable[[Any], Tensor] | None = None,
     outputs: Callable[[Any], Tensor] | None = None,
+    group: Any = None,
 ) -> LabeledGrad:
     """``G``: the sum over the labeled set of per-sample cross-entropy gradients at the true labels.
 
@@ -149,8 +211,49 @@ def labeled_grad(
         layers: "last" (the final nn.Linear), "all" (every trainable parameter) or module names.
         device, progress, inputs, outputs: as in :func:`score`.
         labels: maps a batch to its integer labels (default: the batch's second element).
+        group: a torch.distributed process group (default: the default group, when one is initialized with
+            more than one rank): each rank passes its own shard of the labeled set, any of which may be
+            empty, and every rank gets the sum over all of them.
     """
+    group = distributed.active_group(group)
+    local = partial(_labeled_grad_here, model, labeled_loader, layers, device, progress, inputs, labels, outputs)
+    if group is None:
+        found = local()
+        if found is None:
+            raise ValueError("labeled_loader yielded no batches: the labeled set must not be empty")
+        return LabeledGrad(*found)
+    found = distributed.run_on_all(local, group)
+    shapes = None if found is None else {n: (g.shape, g.dtype) for n, g in found[0].items()}
+    metas = distributed.gather_objects(
+        (shapes, None if found is None else found[1], 0 if found is None else found[2]), group
+    )
+    given = [m for m in metas if m[0] is not None]
+    if not given:
+        raise ValueError("no rank's labeled_loader yielded a batch: the labeled set must not be empty")
+    if any(m[0].keys() != given[0][0].keys() for m in given):
+        raise ValueError("the ranks' labeled gradients cover different parameters: pass the same model and layers=")
+    shapes, request = given[0][0], given[0][1]
+    if found is None:  # an empty shard adds zeros
+        total = {n: torch.zeros(shape, dtype=dtype) for n, (shape, dtype) in shapes.items()}
+    else:
+        total = found[0]
+    distributed.all_reduce_sum(iter(total.values()), group)
+    return LabeledGrad(total, request, sum(m[2] for m in metas))
+
+
+def _labeled_grad_here(
+    model: nn.Module,
+    labeled_loader: Iterable,
+    layers: Layers,
+    device: torch.device | str | None,
+    progress: bool | None,
+    inputs: Callable[[Any], Any] | None,
+    labels: Callable[[Any], Tensor] | None,
+    outputs: Callable[[Any], Tensor] | None,
+) -> tuple[dict[str, Tensor], Any, int] | None:
+    """(sums, what layers= asked for, count) over the batches of ``labeled_loader`` here; None without batches."""
     check_loader(labeled_loader, "labeled_loader", pool=False)
+    model = distributed.scored_module(model)
     check_batchnorm_statistics(model)
     params = dict(model.named_parameters())
     total: dict[str, Tensor] | None = None
@@ -176,9 +279,7 @@ def labeled_grad(
             for n, g in grads.items():
                 total[n] += g.to(total[n].dtype)
             count += y.shape[0]
-    if total is None:
-        raise ValueError("labeled_loader yielded no batches: the labeled set must not be empty")
-    return LabeledGrad(total, request, count)
+    return None if total is None else (total, request, count)
 
 
 def _single_linear(model: nn.Module, names: list[str]) -> Target | None:
@@ -286,15 +387,41 @@ def query(
     inputs: Callable[[Any], Any] | None = None,
     labels: Callable[[Any], Tensor] | None = None,
     outputs: Callable[[Any], Tensor] | None = None,
+    group: Any = None,
+    indices: Sequence[int] | Tensor | None = None,
 ) -> Tensor:
-    """The paper's query: :func:`labeled_grad`, then :func:`score`, then the top-``b`` pool indices."""
+    """The paper's query: :func:`labeled_grad`, then :func:`score`, then the top-``b`` pool indices.
+
+    Over a process group (``group``, ``indices``: as in :func:`score`; ``labeled_loader`` is this rank's
+    shard of the labeled set), every rank returns the same global indices, and only each rank's top ``b``
+    candidates cross the network (fastdal/distributed.py).
+    """
     check_gamma(gamma)
     backends.check_runs_here(backends.requested(backend))
-    check_loader(pool_loader, "pool_loader", pool=True)
-    size = pool_size(pool_loader)
-    if size is not None:
-        select(torch.zeros(size), b)  # checks b against the pool size before any work is done
+    group = distributed.active_group(group)
     common = dict(device=device, progress=progress, inputs=inputs, outputs=outputs)
-    grad = labeled_grad(model, labeled_loader, layers=layers, labels=labels, **common)
-    scores = score(model, pool_loader, grad, gamma=gamma, backend=backend, **common)
-    return select(scores, b)
+    if group is None:
+        _check_no_indices(indices)
+        check_loader(pool_loader, "pool_loader", pool=True)
+        size = pool_size(pool_loader)
+        if size is not None:
+            select(torch.zeros(size), b)  # checks b against the pool size before any work is done
+        grad = labeled_grad(model, labeled_loader, layers=layers, labels=labels, **common)
+        return select(score(model, pool_loader, grad, gamma=gamma, backend=backend, **common), b)
+    grad = labeled_grad(model, labeled_loader, layers=layers, labels=labels, group=group, **common)
+    local = partial(_score_here, model, pool_loader, grad, gamma, backend, device, progress, inputs, outputs, group)
+    result, index, keep, n, _ = _scored_shard(local, pool_loader, group, indices)
+
+    def candidates() -> tuple[Tensor, Tensor]:
+        select(torch.zeros(n), b)  # b against the whole pool
+        scores, where = result.score[keep], index[keep]
+        nan = torch.isnan(scores)
+        if nan.any():
+            raise ValueError(f"scores contain NaN at global pool index {int(where[nan][0])}")
+        return distributed.top(scores, where, b)
+
+    kept = distributed.gather_objects(int(keep.sum()), group)
+    if sum(kept) != n:
+        raise ValueError(f"the ranks' shards hold {sum(kept)} samples for a pool of {n}: they must not overlap")
+    parts = distributed.gather_objects(distributed.run_on_all(candidates, group), group)
+    return distributed.merge_top(parts, b)

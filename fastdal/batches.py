@@ -9,7 +9,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, SequentialSampler
+from torch.utils.data import DataLoader, DistributedSampler, SequentialSampler
 from torch.utils.data.sampler import BatchSampler
 
 InputsFn = Callable[[Any], Any]
@@ -19,8 +19,12 @@ InputsFn = Callable[[Any], Any]
 LABEL_KEYS = ("labels", "label")
 
 
-def check_loader(loader: object, argument: str, *, pool: bool) -> None:
-    """Refuse what cannot be iterated as batches, and pool loaders that would reorder or drop samples."""
+def check_loader(loader: object, argument: str, *, pool: bool, sharded: bool = False) -> None:
+    """Refuse what cannot be iterated as batches, and pool loaders that would reorder or drop samples.
+
+    ``sharded``: the loader is one rank's shard over a process group, where a DistributedSampler says which
+    global sample each position is (fastdal/distributed.py), so it may draw in any order.
+    """
     if isinstance(loader, Tensor) or not isinstance(loader, Iterable):
         raise TypeError(
             f"{argument} must be an iterable of batches such as a torch.utils.data.DataLoader, got "
@@ -34,6 +38,8 @@ def check_loader(loader: object, argument: str, *, pool: bool) -> None:
             f"{argument} uses a custom batch_sampler ({type(loader.batch_sampler).__name__}); scores are returned "
             "in iteration order, so the pool loader must visit samples in order: use batch_size with shuffle=False"
         )
+    if sharded and isinstance(sampler, DistributedSampler):
+        return
     if not isinstance(sampler, SequentialSampler) and not isinstance(loader.dataset, torch.utils.data.IterableDataset):
         raise ValueError(
             f"{argument} draws samples with {type(sampler).__name__}, so the scores would not line up with the "
@@ -181,10 +187,12 @@ def check_labels(y: Tensor, batch_size: int, num_classes: int, first_index: int)
     bad = (y < 0) | (y >= num_classes)
     if bad.any():
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(
+        error = ValueError(
             f"label {int(y[i])} at labeled index {first_index + i} is outside [0, {num_classes}) for a model with "
             f"{num_classes} classes"
         )
+        error.fastdal_sample = ("labeled", first_index + i)
+        raise error
     return y.long()
 
 
@@ -213,10 +221,12 @@ def check_finite(logits: Tensor, first_index: int, what: str) -> None:
     bad = ~torch.isfinite(logits).all(dim=1)
     if bad.any():
         i = int(bad.nonzero()[0, 0])
-        raise ValueError(
+        error = ValueError(
             f"the model's logits for {what} index {first_index + i} are not finite (nan or inf); "
             f"{int(bad.sum())} sample(s) of this batch are affected"
         )
+        error.fastdal_sample = (what, first_index + i)  # fastdal/distributed.py names its global index
+        raise error
 
 
 def to_device(obj: Any, device: torch.device) -> Any:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import backends, generic, layers, ops, precision
+from . import backends, distributed, generic, layers, ops, precision
 from .batches import batch_labels, check_loader, check_pool_count, split_batch, to_device, with_progress
 from .capture import Call, Target, model_on_device, preserved_model_state
 from .coverage import covered_parameters
@@ -234,6 +234,7 @@ def features(
     inputs: Callable[[Any], Any] | None = None,
     labels: Callable[[Any], Tensor] | None = None,
     outputs: Callable[[Any], Tensor] | None = None,
+    group: Any = None,
 ) -> GradFeatures:
     """Per-sample gradient features of every sample of ``loader``, in loader order.
 
@@ -249,7 +250,17 @@ def features(
 
     Returns:
         A :class:`GradFeatures` on the compute device, float64 for a float64 model, float32 otherwise.
+
+    Raises:
+        NotImplementedError: over a process group (``group``, or a default group of more than one rank):
+            BADGE and greedy selection need every sample's features on one rank, which is not built yet.
     """
+    if distributed.active_group(group) is not None:
+        raise NotImplementedError(
+            "fastdal.features over a process group is not supported yet: BADGE and greedy selection need the "
+            "whole pool's features on one rank. Run it in one process over the whole pool (use fastdal.query, "
+            "score and labeled_grad across ranks)"
+        )
     rank, seed = as_real_number(rank), as_real_number(seed)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
         raise ValueError(f"rank must be a positive integer or None, got {rank!r}")

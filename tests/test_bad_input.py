@@ -1,6 +1,7 @@
 """Bad input fails loudly, naming the argument and what was expected."""
 
 import math
+import types
 
 import pytest
 import torch
@@ -102,9 +103,14 @@ def test_non_finite_logits_name_the_pool_index(layers, poison):
 
 def test_unreadable_batches(setup):
     model, labeled, pool, g = setup
+    object_pool = [types.SimpleNamespace(x=b[0]) for b in pool]
+    with pytest.raises(TypeError, match="cannot read model inputs from a batch of type SimpleNamespace.*inputs="):
+        fastdal.score(model, object_pool, g)
+    # A dict batch is keyword arguments by default (Hugging Face style); inputs= maps any other reading.
     dict_pool = [{"x": b[0]} for b in pool]
-    with pytest.raises(TypeError, match="cannot read model inputs from a batch of type dict.*inputs="):
-        fastdal.score(model, dict_pool, g)
+    assert torch.equal(fastdal.score(model, dict_pool, g), fastdal.score(model, pool, g))  # forward(x)
+    with pytest.raises(TypeError, match="unexpected keyword argument 'image'"):
+        fastdal.score(model, [{"image": b[0]} for b in pool], g)
     fine = fastdal.score(model, dict_pool, g, inputs=lambda b: b["x"])
     assert torch.equal(fine, fastdal.score(model, pool, g))
     with pytest.raises(TypeError, match="cannot read labels from a labeled batch.*labels="):
