@@ -34,6 +34,7 @@ install: deps
 test: install deps-integrations
 	$(PYTHON) -m pytest -q
 	@for example in examples/*.py; do echo "== $$example"; $(PYTHON) $$example || exit 1; done
+	$(PYTHON) -m torch.distributed.run --nproc_per_node=2 examples/distributed_query.py
 
 # The property-based exactness suite with 5000 fresh examples (make test replays a fixed 300).
 fuzz: install
