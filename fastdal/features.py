@@ -235,6 +235,7 @@ def features(
     labels: Callable[[Any], Tensor] | None = None,
     outputs: Callable[[Any], Tensor] | None = None,
     group: Any = None,
+    indices: Sequence[int] | Tensor | None = None,
 ) -> GradFeatures:
     """Per-sample gradient features of every sample of ``loader``, in loader order.
 
@@ -251,16 +252,80 @@ def features(
     Returns:
         A :class:`GradFeatures` on the compute device, float64 for a float64 model, float32 otherwise.
 
-    Raises:
-        NotImplementedError: over a process group (``group``, or a default group of more than one rank):
-            BADGE and greedy selection need every sample's features on one rank, which is not built yet.
+    Over a process group (``group``, or a default group of more than one rank; ``indices`` as in
+    :func:`fastdal.score`), each rank passes its own shard of the loader and every rank gets the features of
+    the whole set in global order (all-gathered: ``floats_per_sample`` floats a sample on each rank), so
+    BADGE and greedy selection pick the same samples on every rank as in one process. Every shard must
+    hold at least one sample (the projections' parameters are read from the local result).
     """
-    if distributed.active_group(group) is not None:
-        raise NotImplementedError(
-            "fastdal.features over a process group is not supported yet: BADGE and greedy selection need the "
-            "whole pool's features on one rank. Run it in one process over the whole pool (use fastdal.query, "
-            "score and labeled_grad across ranks)"
-        )
+    group = distributed.active_group(group)
+    local = partial(
+        _features_here,
+        model,
+        loader,
+        layers,
+        rank,
+        seed,
+        labeled,
+        backend,
+        device,
+        progress,
+        inputs,
+        labels,
+        outputs,
+        group,
+    )
+    if group is None:
+        if indices is not None:
+            raise ValueError("indices= gives a rank's shard; it needs a process group (group= or torchrun)")
+        return local()
+    return _gathered_features(local, loader, group, indices)
+
+
+def _gathered_features(local: Callable[[], GradFeatures], loader: Iterable, group: Any, indices: Any) -> GradFeatures:
+    """Every rank's features, in global order, on every rank (fastdal/distributed.py says which sample is which)."""
+    shard = distributed.run_on_all(lambda: distributed.Shard(loader, group, indices), group)
+    mine = distributed.run_on_all(local, group, shard.local_to_global)
+    counts = distributed.gather_objects(len(mine), group)
+    index, keep, n = distributed.run_on_all(lambda: shard.resolve(len(mine), counts), group)
+    device = mine.labels.device
+    kept = mine[keep.nonzero()[:, 0].to(device)].to("cpu")
+    tensors = [[b.left, b.right] if isinstance(b, FactoredBlock) else [b.values] for b in kept.blocks]
+    parts = distributed.gather_objects((index[keep], kept.labels, tensors), group)
+    distributed.check_partition([part[0] for part in parts], n)
+    order = torch.argsort(torch.cat([part[0] for part in parts]))
+
+    def joined(pieces: list[Tensor]) -> Tensor:
+        """One tensor per rank, joined in global sample order."""
+        return torch.cat(pieces)[order].to(device)
+
+    blocks: list[Block] = []
+    for i, block in enumerate(kept.blocks):
+        ranks = [part[2][i] for part in parts]
+        if isinstance(block, FactoredBlock):
+            blocks.append(replace(block, left=joined([t[0] for t in ranks]), right=joined([t[1] for t in ranks])))
+        else:
+            blocks.append(replace(block, values=joined([t[0] for t in ranks])))
+    return GradFeatures(blocks, joined([part[1] for part in parts]), mine.names, mine.rank, mine.seed)
+
+
+def _features_here(
+    model: nn.Module,
+    loader: Iterable,
+    layers: str | Sequence[str],
+    rank: int | None,
+    seed: int,
+    labeled: bool,
+    backend: str,
+    device: torch.device | str | None,
+    progress: bool | None,
+    inputs: Callable[[Any], Any] | None,
+    labels: Callable[[Any], Tensor] | None,
+    outputs: Callable[[Any], Tensor] | None,
+    group: Any,
+) -> GradFeatures:
+    """The features of the samples ``loader`` yields here (this rank's shard over a process group)."""
+    model = distributed.scored_module(model)
     rank, seed = as_real_number(rank), as_real_number(seed)
     if rank is not None and (isinstance(rank, bool) or not isinstance(rank, numbers.Integral) or rank < 1):
         raise ValueError(f"rank must be a positive integer or None, got {rank!r}")
@@ -270,7 +335,7 @@ def features(
     backends.check_runs_here(backend)
     if backend == backends.REFERENCE:
         raise ValueError("backend 'reference' computes fastdal.score only; features need 'auto' or an op backend")
-    check_loader(loader, "loader", pool=not labeled)
+    check_loader(loader, "loader", pool=not labeled, sharded=group is not None)
     check_batchnorm_statistics(model)
     params = dict(model.named_parameters())
     parts: list[list[Block]] = []
@@ -298,9 +363,10 @@ def features(
                 parts.append(blocks)
                 label_parts.append(used)
                 seen += used.shape[0]
-    check_pool_count(loader, seen)
+    if group is None:
+        check_pool_count(loader, seen)
     if builder is None:
-        raise ValueError("loader yielded no batches: features need at least one sample")
+        raise ValueError("loader yielded no batches: features need at least one sample (on every rank)")
     blocks = [_concat([p[i] for p in parts]) for i in range(len(parts[0]))]
     return GradFeatures(blocks, torch.cat(label_parts), builder.names, rank if builder.projects else None, seed)
 

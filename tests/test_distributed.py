@@ -3,8 +3,8 @@
 2 and 3 processes are spawned with the gloo backend on CPU (no torchrun needed); each runs every case on
 its own shard and compares with what this process computed on the whole pool and labeled set. Cases:
 uneven consecutive shards and an empty one, DistributedSampler (with the padding it adds), a user-given
-interleaved split, a DistributedDataParallel model, layers "last" and "all", top-b with ties, a NaN on one
-rank (raised on every rank with its global pool index), and features' clear refusal.
+interleaved split, a DistributedDataParallel model, layers "last" and "all", top-b with ties, features with
+BADGE and greedy selection, and a NaN on one rank (raised on every rank with its global pool index).
 """
 
 from __future__ import annotations
@@ -54,6 +54,12 @@ def _expected() -> dict:
         picks = fastdal.query(model, pool_loader, labeled_loader, b, layers=layers)
         assert 3 in picks.tolist() and 7 in picks.tolist() and 19 not in picks.tolist()
         out[layers] = {"grad": g.grads, "score": result, "b": b, "query": picks}
+        feats = fastdal.features(model, pool_loader, layers=layers, rank=4)
+        out[layers]["features"] = (
+            feats.sq_norm(),
+            fastdal.select(feats, 5, method="badge", seed=3),
+            fastdal.select(feats, 5, method="greedy", labeled_grad=g),
+        )
     return out
 
 
@@ -99,6 +105,15 @@ def _check_all(rank: int, world: int, expected: dict) -> None:
             assert torch.equal(got.pseudo_label, want["score"].pseudo_label), (layers, case)
             picks = fastdal.query(model, loader, labeled_loader, want["b"], layers=layers, indices=indices)
             assert torch.equal(picks, want["query"]), (layers, case, picks, want["query"])
+            if case == "consecutive" and world == 3:  # an empty shard: features cannot read the projections
+                with pytest.raises(ValueError, match="at least one sample"):
+                    fastdal.features(model, loader, layers=layers, rank=4)
+                continue
+            feats = fastdal.features(model, loader, layers=layers, rank=4, indices=indices)
+            sq_norm, badge, greedy = want["features"]
+            assert _close(feats.sq_norm(), sq_norm), (layers, case)
+            assert torch.equal(fastdal.select(feats, 5, method="badge", seed=3), badge), (layers, case)
+            assert torch.equal(fastdal.select(feats, 5, method="greedy", labeled_grad=g), greedy), (layers, case)
 
     # A model wrapped in DistributedDataParallel is scored through its module.
     ddp = nn.parallel.DistributedDataParallel(model)
@@ -112,10 +127,6 @@ def _check_all(rank: int, world: int, expected: dict) -> None:
     bad_loader = DataLoader(TensorDataset(bad), batch_size=4, sampler=DistributedSampler(pool_set, shuffle=False))
     with pytest.raises(ValueError, match=r"global pool index 13\b"):
         fastdal.score(model, bad_loader, g)
-
-    # Features (and so BADGE and greedy) need the whole pool on one rank: a clear error on every rank.
-    with pytest.raises(NotImplementedError, match="process group"):
-        fastdal.features(model, loader)
 
 
 @pytest.mark.parametrize("world", [2, 3])
