@@ -1,5 +1,5 @@
-"""Pools larger than one machine: the collectives behind ``labeled_grad``, ``score`` and ``query`` over
-``torch.distributed``.
+"""Pools larger than one machine: the collectives behind ``labeled_grad``, ``score``, ``query`` and
+``features`` over ``torch.distributed``.
 
 Each rank passes a loader over its own shard of the pool (or labeled set). This module says which global
 sample each local result belongs to, and moves as little as it can between ranks:
@@ -11,6 +11,8 @@ sample each local result belongs to, and moves as little as it can between ranks
 * ``query``: each rank sends its local top-``b`` (score, global index) pairs, ``b x world size`` in all,
   and every rank picks the same global top-``b`` with the one-process tie rule (higher score first, the
   lower global index on ties).
+* ``features``: every rank gets the whole set's features in global order (an all-gather), so BADGE and
+  greedy selection run the same on every rank.
 
 Which global index a local sample has:
 
