@@ -83,3 +83,62 @@ def test_datasets_ship_offline():
     assert mnist.image_shape == (1, 28, 28) and len(mnist.train) + len(mnist.test) == 5000
     with pytest.raises(ValueError, match="dataset must be one of"):
         data.load("cifar10")
+
+
+def test_convergence_gate_waits_for_min_epochs_and_patience(monkeypatch):
+    """Training stops at the first epoch >= min_epochs after more than `patience` epochs at the target."""
+    from fastdal.al import loop
+
+    script = [0.5, 0.99, 0.995, 0.8, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99]
+    base = replace(CONFIG, target_accuracy=0.99, max_epochs=len(script))
+    model = torch.nn.Linear(2, 2)
+    train = torch.utils.data.TensorDataset(torch.randn(4, 2), torch.tensor([0, 1, 0, 1]))
+
+    def epochs(**changes) -> int:
+        calls = iter(script)
+        monkeypatch.setattr(loop, "accuracy", lambda *args: next(calls))
+        config = replace(base, **changes)
+        return loop.fit(model, train, torch.arange(4), config, torch.Generator().manual_seed(0))
+
+    assert epochs() == 2  # the defaults: the first epoch at the target
+    assert epochs(patience=1) == 3  # epochs 2 and 3
+    assert epochs(patience=2) == 7  # epochs 5, 6 and 7: the streak of 2 and 3 was broken at 4
+    assert epochs(patience=2, min_epochs=9) == 9
+    assert epochs(patience=20) == len(script)  # never: the cap
+    with pytest.raises(ValueError, match="min_epochs"):
+        al.run(train, train, lambda: model, al.make_strategy("random"), replace(base, min_epochs=0))
+
+
+def test_balanced_initial_set(digits_subset):
+    base, train_idx, test_idx = digits_subset
+    train, test = Subset(base, train_idx), Subset(base, test_idx)
+    config = replace(CONFIG, initial=23, b=1, rounds=1, max_epochs=1, balanced_initial=True)
+    labels = torch.tensor([int(train[i][1]) for i in range(len(train))])
+
+    class Spy(al.Strategy):
+        """Records the labeled set the loop starts from, then queries the first pool sample."""
+
+        def select(self, state, b):
+            self.labeled = state.labeled.clone()
+            return state.pool[:b]
+
+    starts = []
+    for seed in (0, 1):
+        spy = Spy()
+        al.run(train, test, lambda: grid.make_model("mlp", (1, 8, 8), 10), spy, replace(config, seed=seed))
+        counts = torch.bincount(labels[spy.labeled], minlength=10)
+        assert counts.sum() == 23 and counts.min() >= 2 and counts.max() <= 3, counts
+        starts.append(spy.labeled)
+    assert not torch.equal(starts[0], starts[1])
+    # The initial set itself: 23 samples of 10 classes, 2 or 3 of each, different for another seed.
+    from fastdal.al.loop import _labels, _round_robin_by_class
+
+    assert torch.equal(_labels(train), labels)
+    picks = [
+        _round_robin_by_class(torch.randperm(len(train), generator=torch.Generator().manual_seed(s)), labels)[:23]
+        for s in (0, 1)
+    ]
+    for chosen in picks:
+        counts = torch.bincount(labels[chosen], minlength=10)
+        assert counts.sum() == 23 and counts.min() >= 2 and counts.max() <= 3, counts
+    assert not torch.equal(picks[0].sort().values, picks[1].sort().values)

@@ -30,6 +30,12 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--b", type=int, default=20)
     run.add_argument("--rounds", type=int, default=5)
     run.add_argument("--max-epochs", type=int, default=200)
+    run.add_argument("--min-epochs", type=int, default=1, help="train at least this many epochs a round")
+    run.add_argument(
+        "--patience", type=int, default=0, help="stop once training accuracy stayed at the target this many epochs more"
+    )
+    run.add_argument("--target-accuracy", type=float, default=0.99, help="training accuracy that counts as fit")
+    run.add_argument("--balanced-initial", action="store_true", help="draw the initial set evenly over the classes")
     run.add_argument("--reinit", action="store_true", help="re-initialize the model every round")
     run.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU count)")
     run.add_argument("--out", type=Path, default=Path("results/al"))
@@ -47,7 +53,15 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         parser.error(f"unknown strategies {unknown}; known: {list(STRATEGIES)}")
     config = LoopConfig(
-        initial=args.initial, b=args.b, rounds=args.rounds, max_epochs=args.max_epochs, reinit=args.reinit
+        initial=args.initial,
+        b=args.b,
+        rounds=args.rounds,
+        max_epochs=args.max_epochs,
+        min_epochs=args.min_epochs,
+        patience=args.patience,
+        target_accuracy=args.target_accuracy,
+        balanced_initial=args.balanced_initial,
+        reinit=args.reinit,
     )
     rows = grid.run_grid(grid.tasks(args.datasets, args.model, strategies, range(args.seeds), config), args.jobs)
     grid.write_csv(rows, args.out / "rounds.csv")

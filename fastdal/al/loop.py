@@ -1,7 +1,9 @@
 """The active-learning loop of the paper's Algorithm 1.
 
-Start from ``initial`` random labeled samples; train on the labeled set until it is fit (training
-accuracy at least ``target_accuracy``, or ``max_epochs``); evaluate on the test set; then for each of
+Start from ``initial`` random labeled samples (``balanced_initial``: as equal a number from each class as
+the data allows); train on the labeled set until it is fit (see :func:`fit`: the training accuracy has been
+at least ``target_accuracy`` for more than ``patience`` consecutive epochs, and at least ``min_epochs``
+epochs have run, or ``max_epochs``); evaluate on the test set; then for each of
 ``rounds`` rounds: query ``b`` pool samples with the strategy, add them to the labeled set, train
 again and evaluate. As in the paper the model is not re-initialized between rounds unless
 ``reinit=True``. A seed fixes the initial set, the model's initialization, the order of training
@@ -18,7 +20,7 @@ from typing import NamedTuple
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, Subset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
 from .strategy import RoundState, Strategy, _collate_xy
 
@@ -30,6 +32,9 @@ class LoopConfig:
     rounds: int = 5
     max_epochs: int = 200
     target_accuracy: float = 0.99
+    min_epochs: int = 1
+    patience: int = 0  # consecutive epochs at target_accuracy, beyond the first, before training stops
+    balanced_initial: bool = False
     lr: float = 1e-3
     batch_size: int = 64
     reinit: bool = False
@@ -56,6 +61,11 @@ def run(
 ) -> list[RoundRecord]:
     """Run the loop; returns one record per round (``rounds + 1`` with round 0)."""
     n = len(train)
+    if config.min_epochs < 1 or config.patience < 0 or config.min_epochs > config.max_epochs:
+        raise ValueError(
+            f"need 1 <= min_epochs <= max_epochs and patience >= 0, got min_epochs={config.min_epochs}, "
+            f"max_epochs={config.max_epochs}, patience={config.patience}"
+        )
     if not 0 < config.initial <= n:
         raise ValueError(f"initial must be between 1 and the training set size {n}, got {config.initial}")
     if config.b < 1 or config.initial + config.rounds * config.b > n:
@@ -64,7 +74,10 @@ def run(
         )
     device = torch.device(config.device)
     generator = torch.Generator().manual_seed(config.seed)
-    labeled = torch.randperm(n, generator=generator)[: config.initial].sort().values
+    order = torch.randperm(n, generator=generator)
+    if config.balanced_initial:
+        order = _round_robin_by_class(order, _labels(train))
+    labeled = order[: config.initial].sort().values
     torch.manual_seed(config.seed)
     model = model_factory().to(device)
     epochs = fit(model, train, labeled, config, generator)
@@ -92,6 +105,25 @@ def run(
     return records
 
 
+def _labels(train: Dataset) -> Tensor:
+    """The class label of every training sample (read from a TensorDataset, or one sample at a time)."""
+    if isinstance(train, TensorDataset):
+        return train.tensors[1].long()
+    return torch.as_tensor([int(train[i][1]) for i in range(len(train))])
+
+
+def _round_robin_by_class(order: Tensor, labels: Tensor) -> Tensor:
+    """``order`` rearranged to take one sample of each class in turn (each class's samples in ``order``'s
+    order): any prefix then holds as equal a number of each class as the data allows."""
+    classes = labels[order]
+    seen: dict[int, int] = {}
+    turn = []  # how many of the sample's class come before it in ``order``
+    for c in classes.tolist():
+        turn.append(seen.get(c, 0))
+        seen[c] = turn[-1] + 1
+    return order[torch.sort(torch.tensor(turn), stable=True).indices]
+
+
 def _pool(n: int, labeled: Tensor) -> Tensor:
     mask = torch.ones(n, dtype=torch.bool)
     mask[labeled] = False
@@ -109,10 +141,16 @@ def _check_query(queried: Tensor, pool: Tensor, b: int, strategy: Strategy) -> N
 
 
 def fit(model: nn.Module, train: Dataset, labeled: Tensor, config: LoopConfig, generator: torch.Generator) -> int:
-    """Train on ``train[labeled]`` until its training accuracy reaches ``target_accuracy``; returns epochs."""
+    """Train on ``train[labeled]``; returns the epochs run.
+
+    Training stops after the first epoch, from ``min_epochs`` on, at which the training accuracy has been at
+    least ``target_accuracy`` for more than ``patience`` consecutive epochs (the defaults, 1 and 0: the first
+    epoch that reaches it), and after ``max_epochs`` at the latest.
+    """
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     subset = Subset(train, labeled.tolist())
     device = next(model.parameters()).device
+    streak = 0
     for epoch in range(1, config.max_epochs + 1):
         model.train()
         loader = DataLoader(
@@ -124,7 +162,8 @@ def fit(model: nn.Module, train: Dataset, labeled: Tensor, config: LoopConfig, g
             optimizer.zero_grad()
             F.cross_entropy(model(x.to(device)), y.to(device)).backward()
             optimizer.step()
-        if accuracy(model, subset, config) >= config.target_accuracy:
+        streak = streak + 1 if accuracy(model, subset, config) >= config.target_accuracy else 0
+        if epoch >= config.min_epochs and streak > config.patience:
             return epoch
     return config.max_epochs
 
