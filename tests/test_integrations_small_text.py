@@ -35,14 +35,7 @@ BATCH = 16
 SEED = 3
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    """One intra-op thread: these models are tiny, and on a small machine shared with other jobs torch's
-    thread pool spins for far longer than the work takes (seconds per call instead of milliseconds)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def token_lists(n: int = POOL, seed: int = 0) -> tuple[list[list[int]], np.ndarray]:

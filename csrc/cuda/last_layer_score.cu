@@ -245,6 +245,18 @@ struct RowChunk {
   }
 };
 
+// A row's final state: to the outputs, or, when the class tiles are split over blockIdx.y, to the
+// split's slot (with the row's scale, once) for merge_splits_kernel.
+template <typename T>
+__device__ __forceinline__ void finish_row(const HeadArgs<T>& p, const SoftmaxState& st, acc_t scale, int64_t row) {
+  if (gridDim.y == 1) {
+    write_row(st, scale, p.gamma, p.out, row);
+  } else {
+    p.part[blockIdx.y * p.n + row] = st;
+    if (blockIdx.y == 0) p.scale[row] = scale;
+  }
+}
+
 // VEC: elements of a global load (1, or 16 bytes when D and the pointers allow); fewer, wider loads
 // keep the registers holding the next chunk few.
 template <typename T, typename S, bool HAS_GW, int VEC>
@@ -296,13 +308,7 @@ __global__ void __launch_bounds__(kThreads, 1) last_layer_kernel(const HeadArgs<
   auto finish = [&](const SoftmaxState& st, int local_row) {
     const int64_t row = row0 + local_row;
     if (row >= p.n) return;
-    const acc_t scale = (HAS_GW ? row_hsq[local_row] : acc_t(0)) + (p.gb ? 1 : 0);
-    if (gridDim.y == 1) {
-      write_row(st, scale, p.gamma, p.out, row);
-    } else {
-      p.part[blockIdx.y * p.n + row] = st;
-      if (blockIdx.y == 0) p.scale[row] = scale;
-    }
+    finish_row(p, st, (HAS_GW ? row_hsq[local_row] : acc_t(0)) + (p.gb ? 1 : 0), row);
   };
 
   T acc_z[TM][TN], acc_c[TM][TN];
@@ -498,15 +504,7 @@ __global__ void __launch_bounds__(kThreads, 1) last_layer_tc_kernel(const HeadAr
 
   const acc_t row_h_sq = h_sq + __shfl_xor_sync(0xffffffffu, h_sq, 1);
   const int64_t row = row0 + fold_row;
-  if (half == 0 && row < p.n) {
-    const acc_t scale = (HAS_GW ? row_h_sq : acc_t(0)) + (p.gb ? 1 : 0);
-    if (gridDim.y == 1) {
-      write_row(state, scale, p.gamma, p.out, row);
-    } else {
-      p.part[blockIdx.y * p.n + row] = state;
-      if (blockIdx.y == 0) p.scale[row] = scale;
-    }
-  }
+  if (half == 0 && row < p.n) finish_row(p, state, (HAS_GW ? row_h_sq : acc_t(0)) + (p.gb ? 1 : 0), row);
 #endif
 }
 

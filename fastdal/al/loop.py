@@ -116,12 +116,12 @@ def _round_robin_by_class(order: Tensor, labels: Tensor) -> Tensor:
     """``order`` rearranged to take one sample of each class in turn (each class's samples in ``order``'s
     order): any prefix then holds as equal a number of each class as the data allows."""
     classes = labels[order]
-    seen: dict[int, int] = {}
-    turn = []  # how many of the sample's class come before it in ``order``
-    for c in classes.tolist():
-        turn.append(seen.get(c, 0))
-        seen[c] = turn[-1] + 1
-    return order[torch.sort(torch.tensor(turn), stable=True).indices]
+    grouped = torch.sort(classes, stable=True).indices  # by class, each class in ``order``'s order
+    counts = torch.bincount(classes)
+    first = torch.cumsum(counts, 0) - counts  # where each class's group starts in ``grouped``
+    turn = torch.empty_like(order)  # how many of the sample's class come before it in ``order``
+    turn[grouped] = torch.arange(len(order)) - first[classes[grouped]]
+    return order[torch.sort(turn, stable=True).indices]
 
 
 def _pool(n: int, labeled: Tensor) -> Tensor:
