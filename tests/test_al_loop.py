@@ -1,5 +1,6 @@
 """The active-learning loop: bookkeeping of labeled and pool sets with every strategy, reproducibility."""
 
+import math
 from dataclasses import replace
 
 import pytest
@@ -86,7 +87,8 @@ def test_datasets_ship_offline():
 
 
 def test_convergence_gate_waits_for_min_epochs_and_patience(monkeypatch):
-    """Training stops at the first epoch >= min_epochs after more than `patience` epochs at the target."""
+    """Training stops at the first epoch >= min_epochs by which more than `patience` of the round's epochs
+    (consecutive or not, as the official code counts them) reached the target."""
     from fastdal.al import loop
 
     script = [0.5, 0.99, 0.995, 0.8, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99, 0.99]
@@ -98,15 +100,53 @@ def test_convergence_gate_waits_for_min_epochs_and_patience(monkeypatch):
         calls = iter(script)
         monkeypatch.setattr(loop, "accuracy", lambda *args: next(calls))
         config = replace(base, **changes)
-        return loop.fit(model, train, torch.arange(4), config, torch.Generator().manual_seed(0))
+        return loop.fit(model, train, torch.arange(4), config, torch.Generator().manual_seed(0)).epochs
 
     assert epochs() == 2  # the defaults: the first epoch at the target
     assert epochs(patience=1) == 3  # epochs 2 and 3
-    assert epochs(patience=2) == 7  # epochs 5, 6 and 7: the streak of 2 and 3 was broken at 4
+    assert epochs(patience=2) == 5  # epochs 2, 3 and 5: epoch 4 below the target does not reset the count
     assert epochs(patience=2, min_epochs=9) == 9
+    assert epochs(target_accuracy=0.995, patience=1) == 12  # only epoch 3 ever reaches 0.995: the cap
     assert epochs(patience=20) == len(script)  # never: the cap
     with pytest.raises(ValueError, match="min_epochs"):
         al.run(train, train, lambda: model, al.make_strategy("random"), replace(base, min_epochs=0))
+    with pytest.raises(ValueError, match="eval_every"):
+        al.run(train, train, lambda: model, al.make_strategy("random"), replace(base, eval_every=-1))
+    gate = loop.official_gate(base, 30)
+    assert (gate.min_epochs, gate.max_epochs, gate.target_accuracy, gate.patience) == (30, 60, 0.97, 10)
+
+
+def test_rounds_record_the_training_state_and_the_best_test_accuracy(digits_subset):
+    """Each record carries the labeled set's loss and accuracy when training stopped, and the best test
+    accuracy of the evaluations during the round, which is never below the final one."""
+    from fastdal.al import loop
+
+    base, train_idx, test_idx = digits_subset
+    train, test = Subset(base, train_idx), Subset(base, test_idx)
+    config = replace(CONFIG, max_epochs=6, min_epochs=6, eval_every=2)
+    seen = []
+    real = loop.accuracy
+
+    def spy(model, dataset, config):
+        value = real(model, dataset, config)
+        if dataset is test:
+            seen.append(value)
+        return value
+
+    loop.accuracy, saved = spy, loop.accuracy
+    try:
+        records = al.run(train, test, lambda: grid.make_model("mlp", (1, 8, 8), 10), al.make_strategy("random"), config)
+    finally:
+        loop.accuracy = saved
+    assert len(seen) == 3 * 4  # 3 rounds: epochs 2, 4, 6 and the final evaluation
+    for r, chunk in zip(records, [seen[i : i + 4] for i in range(0, 12, 4)]):
+        assert r.accuracy == chunk[-1] and r.best_accuracy == max(chunk) >= r.accuracy
+        assert r.epochs == 6 and 0 <= r.train_accuracy <= 1 and r.train_loss > 0
+    model = grid.make_model("mlp", (1, 8, 8), 10)
+    labeled = torch.arange(20)
+    fitted = loop.fit(model, train, labeled, replace(config, eval_every=0), torch.Generator().manual_seed(0))
+    assert math.isnan(fitted.best_test)
+    assert (fitted.loss, fitted.accuracy) == loop.loss_and_accuracy(model, Subset(train, labeled.tolist()))
 
 
 def test_balanced_initial_set(digits_subset):

@@ -223,11 +223,62 @@ def test_badge_draws_its_seed_from_the_generator():
 @pytest.mark.parametrize("gamma", [0.0, 1.0, 2.0, math.inf])
 def test_dynamic_al_ranks_by_the_reference_score(gamma):
     state = random_state(dtype=torch.float64)
-    grad = fastdal.reference.labeled_grad(state.model, state.loader(state.labeled, with_labels=True))
-    result = fastdal.reference.score(state.model, state.loader(state.pool), grad, return_components=True)
-    scores = result.dot if gamma == math.inf else result.sq_norm + gamma * result.dot
-    expected = state.pool[torch.sort(scores, descending=True, stable=True).indices[:5]]
-    assert torch.equal(DynamicAL(gamma).select(state, 5), expected)
+    for layers in ("all", "last"):  # every parameter by default, as the paper's code; the head alone by name
+        grad = fastdal.reference.labeled_grad(state.model, state.loader(state.labeled, with_labels=True), layers=layers)
+        result = fastdal.reference.score(state.model, state.loader(state.pool), grad, return_components=True)
+        scores = result.dot if gamma == math.inf else result.sq_norm + gamma * result.dot
+        expected = state.pool[torch.sort(scores, descending=True, stable=True).indices[:5]]
+        strategy = DynamicAL(gamma) if layers == "all" else DynamicAL(gamma, "last")
+        assert torch.equal(strategy.select(state, 5), expected), layers
+    assert torch.equal(make_strategy("dynamic-last").select(state, 5), DynamicAL(2.0, "last").select(state, 5))
+
+
+def _flat_grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(N, P) cross-entropy gradients of every parameter, one sample at a time (plain autograd)."""
+    params = list(model.parameters())
+    rows = []
+    for xi, yi in zip(x, y):
+        loss = nn.functional.cross_entropy(model(xi[None]), yi[None])
+        rows.append(torch.cat([g.flatten() for g in torch.autograd.grad(loss, params)]))
+    return torch.stack(rows)
+
+
+def test_block_sizes_split_b_evenly():
+    from fastdal.al.strategies import block_sizes
+
+    assert block_sizes(10, 5) == [2, 2, 2, 2, 2]
+    assert block_sizes(7, 3) == [3, 2, 2]
+    assert block_sizes(2, 5) == [1, 1]
+    with pytest.raises(ValueError, match="blocks must be a positive integer"):
+        make_strategy("dynamic-deinf").__class__(blocks=0)
+
+
+def test_de_influence_by_hand():
+    """Block j+1 is the top of ||g_u||^2 + 2<g_u, G> - <g_u, sum of the chosen blocks' mean gradients>,
+    from per-sample gradients computed one at a time; it differs from plain top-b and from exact greedy here."""
+    from fastdal.al.strategies import DeInfluence
+
+    state = random_state(dtype=torch.float64)
+    x, y = state.dataset.tensors
+    with torch.no_grad():
+        pseudo = state.model(x).argmax(1)
+    g_pool = _flat_grads(state.model, x[state.pool], pseudo[state.pool])
+    G = _flat_grads(state.model, x[state.labeled], y[state.labeled]).sum(0)
+    base = (g_pool * g_pool).sum(1) + 2 * g_pool @ G
+    b, blocks = 8, 4
+    chosen: list[int] = []
+    queried = torch.zeros_like(G)
+    for _ in range(blocks):
+        scores = base - g_pool @ queried
+        scores[chosen] = -math.inf
+        block = torch.sort(scores, descending=True, stable=True).indices[: b // blocks].tolist()
+        chosen += block
+        queried = queried + g_pool[block].mean(0)
+    expected = state.pool[torch.tensor(chosen)]
+    got = DeInfluence(blocks=blocks).select(state, b)
+    assert torch.equal(got, expected)
+    assert not torch.equal(got.sort().values, DynamicAL(2.0).select(state, b).sort().values)
+    assert torch.equal(DeInfluence(blocks=1).select(state, b), DynamicAL(2.0).select(state, b))
 
 
 def test_dynamic_greedy_is_the_greedy_subset_objective():

@@ -2,6 +2,7 @@
 
     python -m fastdal.al run --datasets digits mnist5k --strategies random dynamic-g2 --seeds 3
     python -m fastdal.al experiments        # every experiment of docs/experiments.md
+    python -m fastdal.al experiments --quick --out /tmp/al-quick   # the same code paths on tiny sizes
 
 ``run`` writes ``rounds.csv`` (one row per run and round), ``table.md`` (mean +- std test accuracy per
 round) and ``curves-<dataset>-<model>.png`` into ``--out``.
@@ -14,7 +15,7 @@ from pathlib import Path
 
 from . import grid
 from .data import LOADERS
-from .loop import LoopConfig
+from .loop import LoopConfig, official_gate
 from .strategies import STRATEGIES
 
 
@@ -36,17 +37,32 @@ def main(argv: list[str] | None = None) -> None:
     )
     run.add_argument("--target-accuracy", type=float, default=0.99, help="training accuracy that counts as fit")
     run.add_argument("--balanced-initial", action="store_true", help="draw the initial set evenly over the classes")
+    run.add_argument(
+        "--official-gate",
+        type=int,
+        metavar="MIN_EPOCHS",
+        default=None,
+        help="the paper's code's convergence gate with this minimum (overrides the four options above)",
+    )
+    run.add_argument("--eval-every", type=int, default=0, help="test accuracy every N epochs too (best in round)")
     run.add_argument("--reinit", action="store_true", help="re-initialize the model every round")
     run.add_argument("--jobs", type=int, default=None, help="worker processes (default: CPU count)")
     run.add_argument("--out", type=Path, default=Path("results/al"))
     experiments = commands.add_parser("experiments", help="regenerate docs/experiments.md and its figures")
     experiments.add_argument("--jobs", type=int, default=None)
+    experiments.add_argument(
+        "--quick", action="store_true", help="every code path on tiny sizes; the page's copy goes to --out"
+    )
+    experiments.add_argument("--out", type=Path, default=None, help="results folder (default: docs/experiments)")
+    experiments.add_argument("--tables-only", action="store_true", help="rebuild the page from the results in --out")
     args = parser.parse_args(argv)
 
     if args.command == "experiments":
         from . import experiments as experiments_module
 
-        experiments_module.main(jobs=args.jobs)
+        if args.quick and args.out is None:
+            parser.error("--quick needs --out (it never writes into docs/)")
+        experiments_module.main(out=args.out, jobs=args.jobs, quick=args.quick, tables_only=args.tables_only)
         return
     strategies = list(STRATEGIES) if args.strategies == ["all"] else args.strategies
     unknown = [s for s in strategies if s not in STRATEGIES]
@@ -61,8 +77,11 @@ def main(argv: list[str] | None = None) -> None:
         patience=args.patience,
         target_accuracy=args.target_accuracy,
         balanced_initial=args.balanced_initial,
+        eval_every=args.eval_every,
         reinit=args.reinit,
     )
+    if args.official_gate is not None:
+        config = official_gate(config, args.official_gate)
     rows = grid.run_grid(grid.tasks(args.datasets, args.model, strategies, range(args.seeds), config), args.jobs)
     grid.write_csv(rows, args.out / "rounds.csv")
     (args.out / "table.md").write_text(grid.markdown(rows))

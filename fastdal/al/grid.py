@@ -7,6 +7,7 @@ several small models train faster side by side than one model on all cores).
 from __future__ import annotations
 
 import csv
+import functools
 import multiprocessing
 import os
 from collections import defaultdict
@@ -23,7 +24,22 @@ from .loop import LoopConfig, run
 from .strategies import make_strategy
 
 MODELS = ("mlp", "cnn", "resnet", "vgg")
-COLUMNS = ("dataset", "model", "strategy", "seed", "rounds", "round", "labeled", "accuracy", "epochs", "query_seconds")
+COLUMNS = (
+    "setting",
+    "dataset",
+    "model",
+    "strategy",
+    "seed",
+    "rounds",
+    "round",
+    "labeled",
+    "accuracy",
+    "best_accuracy",
+    "train_loss",
+    "train_accuracy",
+    "epochs",
+    "query_seconds",
+)
 
 
 def make_model(name: str, image_shape: tuple[int, int, int], num_classes: int) -> torch.nn.Module:
@@ -45,12 +61,17 @@ class Task:
     model: str
     strategy: str
     config: LoopConfig
+    setting: str = ""  # the name reports group runs by (default: dataset-model)
+
+    @property
+    def label(self) -> str:
+        return self.setting or f"{self.dataset}-{self.model}"
 
 
 def run_task(task: Task) -> list[dict]:
     """One run of the loop; rows of the CSV."""
     torch.set_num_threads(1)
-    splits = data.load(task.dataset, seed=0)  # one split per dataset: seeds vary the runs, not the test set
+    splits = _splits(task.dataset)
 
     def factory() -> torch.nn.Module:
         return make_model(task.model, splits.image_shape, splits.num_classes)
@@ -58,6 +79,7 @@ def run_task(task: Task) -> list[dict]:
     records = run(splits.train, splits.test, factory, make_strategy(task.strategy), task.config)
     return [
         {
+            "setting": task.label,
             "dataset": task.dataset,
             "model": task.model,
             "strategy": task.strategy,
@@ -66,6 +88,9 @@ def run_task(task: Task) -> list[dict]:
             "round": r.round,
             "labeled": r.labeled,
             "accuracy": round(r.accuracy, 5),
+            "best_accuracy": round(r.best_accuracy, 5),
+            "train_loss": float(f"{r.train_loss:.4g}"),
+            "train_accuracy": round(r.train_accuracy, 5),
             "epochs": r.epochs,
             "query_seconds": round(r.seconds, 4),
         }
@@ -73,8 +98,23 @@ def run_task(task: Task) -> list[dict]:
     ]
 
 
-def tasks(datasets: Iterable[str], model: str, strategies: Iterable[str], seeds: Iterable[int], config: LoopConfig):
-    return [Task(d, model, s, replace(config, seed=seed)) for d in datasets for s in strategies for seed in seeds]
+@functools.cache
+def _splits(dataset: str) -> data.Splits:
+    """One split per dataset (seeds vary the runs, not the test set), loaded once per worker process."""
+    return data.load(dataset, seed=0)
+
+
+def tasks(
+    datasets: Iterable[str],
+    model: str,
+    strategies: Iterable[str],
+    seeds: Iterable[int],
+    config: LoopConfig,
+    setting: str = "",
+) -> list[Task]:
+    return [
+        Task(d, model, s, replace(config, seed=seed), setting) for d in datasets for s in strategies for seed in seeds
+    ]
 
 
 def run_grid(all_tasks: list[Task], jobs: int | None = None, progress: bool | None = None) -> list[dict]:
@@ -103,26 +143,29 @@ def read_csv(path: Path) -> list[dict]:
     for row in rows:
         for key in ("seed", "rounds", "round", "labeled", "epochs"):
             row[key] = int(row[key])
-        for key in ("accuracy", "query_seconds"):
+        for key in ("accuracy", "best_accuracy", "train_loss", "train_accuracy", "query_seconds"):
             row[key] = float(row[key])
     return rows
 
 
-def curves(rows: list[dict]) -> dict[tuple[str, str], dict[str, dict[int, list[float]]]]:
-    """(dataset, model) -> strategy -> labeled-set size -> accuracies over seeds."""
+def curves(rows: list[dict], metric: str = "accuracy") -> dict[str, dict[str, dict[int, list[float]]]]:
+    """setting -> strategy -> labeled-set size -> ``metric`` (in %) over seeds."""
     table: dict = defaultdict(lambda: defaultdict(lambda: defaultdict(list)))
     for row in rows:
-        table[(row["dataset"], row["model"])][row["strategy"]][row["labeled"]].append(100 * row["accuracy"])
+        table[row["setting"]][row["strategy"]][row["labeled"]].append(100 * row[metric])
     return table
 
 
-def markdown(rows: list[dict]) -> str:
-    """Per dataset and model: test accuracy (%) mean +- std over seeds, a column per labeled-set size."""
+METRICS = {"accuracy": "final test accuracy", "best_accuracy": "best test accuracy within the round"}
+
+
+def markdown(rows: list[dict], metric: str = "accuracy") -> str:
+    """Per setting: ``metric`` (%) mean +- std over seeds, a column per labeled-set size."""
     parts = []
-    for (dataset, model), by_strategy in curves(rows).items():
+    for setting, by_strategy in curves(rows, metric).items():
         sizes = sorted({size for acc in by_strategy.values() for size in acc})
         seeds = max(len(v) for acc in by_strategy.values() for v in acc.values())
-        parts.append(f"**{dataset}, {model}** (test accuracy %, mean +- std over {seeds} seeds; columns: labeled)\n")
+        parts.append(f"**{setting}** ({METRICS[metric]} %, mean +- std over {seeds} seeds; columns: labeled)\n")
         parts.append("| strategy | " + " | ".join(str(s) for s in sizes) + " | mean |")
         parts.append("|---|" + "---:|" * (len(sizes) + 1))
         for strategy, acc in by_strategy.items():
@@ -138,7 +181,7 @@ def markdown(rows: list[dict]) -> str:
 
 
 def plot(rows: list[dict], directory: Path, prefix: str = "curves") -> list[Path]:
-    """One PNG of learning curves (mean, shaded +- std) per dataset and model."""
+    """One PNG of learning curves (mean, shaded +- std) per setting."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -146,9 +189,9 @@ def plot(rows: list[dict], directory: Path, prefix: str = "curves") -> list[Path
 
     directory.mkdir(parents=True, exist_ok=True)
     written = []
-    for (dataset, model), by_strategy in curves(rows).items():
+    for setting, by_strategy in curves(rows).items():
         fig, ax = plt.subplots(figsize=(7, 4.5))
-        colors = plt.get_cmap("tab20").colors  # twelve strategies: tab10 would repeat colors
+        colors = plt.get_cmap("tab20").colors  # up to fourteen strategies: tab10 would repeat colors
         for i, (strategy, acc) in enumerate(by_strategy.items()):
             sizes = sorted(acc)
             mean = torch.tensor([sum(acc[s]) / len(acc[s]) for s in sizes])
@@ -159,11 +202,11 @@ def plot(rows: list[dict], directory: Path, prefix: str = "curves") -> list[Path
             ax.fill_between(sizes, mean - std, mean + std, alpha=0.1, color=color)
         ax.set_xlabel("labeled samples")
         ax.set_ylabel("test accuracy (%)")
-        ax.set_title(f"{dataset}, {model}")
+        ax.set_title(setting)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7, ncol=2)
         fig.tight_layout()
-        path = directory / f"{prefix}-{dataset}-{model}.png"
+        path = directory / f"{prefix}-{setting}.png"
         fig.savefig(path, dpi=110)
         plt.close(fig)
         written.append(path)

@@ -1,9 +1,9 @@
 """The active-learning loop of the paper's Algorithm 1.
 
 Start from ``initial`` random labeled samples (``balanced_initial``: as equal a number from each class as
-the data allows); train on the labeled set until it is fit (see :func:`fit`: the training accuracy has been
-at least ``target_accuracy`` for more than ``patience`` consecutive epochs, and at least ``min_epochs``
-epochs have run, or ``max_epochs``); evaluate on the test set; then for each of
+the data allows); train on the labeled set until it is fit (see :func:`fit`: more than ``patience`` epochs
+of the round at or above ``target_accuracy`` on the training set, and at least ``min_epochs`` epochs, or
+``max_epochs``); evaluate on the test set; then for each of
 ``rounds`` rounds: query ``b`` pool samples with the strategy, add them to the labeled set, train
 again and evaluate. As in the paper the model is not re-initialized between rounds unless
 ``reinit=True``. A seed fixes the initial set, the model's initialization, the order of training
@@ -12,9 +12,10 @@ batches and every random draw of the strategy.
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import NamedTuple
 
 import torch
@@ -33,7 +34,8 @@ class LoopConfig:
     max_epochs: int = 200
     target_accuracy: float = 0.99
     min_epochs: int = 1
-    patience: int = 0  # consecutive epochs at target_accuracy, beyond the first, before training stops
+    patience: int = 0  # epochs of the round at target_accuracy, beyond the first, before training stops
+    eval_every: int = 0  # test accuracy every this many epochs too, for the best within the round (0: at the end)
     balanced_initial: bool = False
     lr: float = 1e-3
     batch_size: int = 64
@@ -42,13 +44,48 @@ class LoopConfig:
     device: str = "cpu"
 
 
+# The convergence gate of the paper's official code (github.com/haonan3/Deep-Active-Learning-by-Leveraging-
+# Training-Dynamics, src/main.py and src/main_utils.py: need_query): a round queries once its epoch count has
+# reached a minimum (``--query_interval``, 70-140 epochs in its run.sh) and more than 10 of the round's epochs had
+# a training accuracy above 0.97 (``--train_acc_threshold``), or after twice the minimum. The minimum is the
+# experiment's to choose (it depends on the data, the model and the learning rate); the official gate also waits
+# for a test accuracy above the previous round's best, which reads the test set and is left out here.
+OFFICIAL_TARGET_ACCURACY = 0.97
+OFFICIAL_PATIENCE = 10
+
+
+def official_gate(config: LoopConfig, min_epochs: int) -> LoopConfig:
+    """``config`` with the official code's convergence gate: ``min_epochs``, a cap of twice that, more than 10
+    epochs at 0.97 training accuracy."""
+    return replace(
+        config,
+        min_epochs=min_epochs,
+        max_epochs=2 * min_epochs,
+        target_accuracy=OFFICIAL_TARGET_ACCURACY,
+        patience=OFFICIAL_PATIENCE,
+    )
+
+
 class RoundRecord(NamedTuple):
     round: int  # 0: trained on the initial set, before any query
     labeled: int  # size of the labeled set the model was trained on
-    accuracy: float  # test accuracy
+    accuracy: float  # test accuracy at the end of the round's training
     epochs: int  # epochs the training took
     queried: list[int]  # dataset indices queried at this round (empty at round 0)
     seconds: float  # wall time of the query
+    best_accuracy: float = float("nan")  # best test accuracy seen during the round's training (eval_every)
+    train_loss: float = float("nan")  # mean cross-entropy on the labeled set when training stopped (eval mode)
+    train_accuracy: float = float("nan")  # accuracy on the labeled set when training stopped
+
+
+class Fit(NamedTuple):
+    """What :func:`fit` did: epochs run, and the labeled set's loss and accuracy (eval mode) at the end, and
+    the best test accuracy it saw (NaN without a test set)."""
+
+    epochs: int
+    loss: float
+    accuracy: float
+    best_test: float
 
 
 def run(
@@ -61,10 +98,11 @@ def run(
 ) -> list[RoundRecord]:
     """Run the loop; returns one record per round (``rounds + 1`` with round 0)."""
     n = len(train)
-    if config.min_epochs < 1 or config.patience < 0 or config.min_epochs > config.max_epochs:
+    if config.min_epochs < 1 or config.patience < 0 or config.min_epochs > config.max_epochs or config.eval_every < 0:
         raise ValueError(
-            f"need 1 <= min_epochs <= max_epochs and patience >= 0, got min_epochs={config.min_epochs}, "
-            f"max_epochs={config.max_epochs}, patience={config.patience}"
+            "need 1 <= min_epochs <= max_epochs, patience >= 0 and eval_every >= 0, "
+            f"got min_epochs={config.min_epochs}, max_epochs={config.max_epochs}, patience={config.patience}, "
+            f"eval_every={config.eval_every}"
         )
     if not 0 < config.initial <= n:
         raise ValueError(f"initial must be between 1 and the training set size {n}, got {config.initial}")
@@ -80,8 +118,8 @@ def run(
     labeled = order[: config.initial].sort().values
     torch.manual_seed(config.seed)
     model = model_factory().to(device)
-    epochs = fit(model, train, labeled, config, generator)
-    records = [RoundRecord(0, len(labeled), accuracy(model, test, config), epochs, [], 0.0)]
+    fitted = fit(model, train, labeled, config, generator, test)
+    records = [_record(0, labeled, model, test, config, fitted, [], 0.0)]
     if on_round:
         on_round(records[-1])
     for r in range(1, config.rounds + 1):
@@ -95,14 +133,20 @@ def run(
         if config.reinit:
             torch.manual_seed(config.seed + r)
             model = model_factory().to(device)
-        epochs = fit(model, train, labeled, config, generator)
+        fitted = fit(model, train, labeled, config, generator, test)
         strategy.update(
             RoundState(model, train, labeled, _pool(n, labeled), r - 1, generator, config.batch_size, device), queried
         )
-        records.append(RoundRecord(r, len(labeled), accuracy(model, test, config), epochs, queried.tolist(), seconds))
+        records.append(_record(r, labeled, model, test, config, fitted, queried.tolist(), seconds))
         if on_round:
             on_round(records[-1])
     return records
+
+
+def _record(r, labeled, model, test, config, fitted: Fit, queried: list[int], seconds: float) -> RoundRecord:
+    final = accuracy(model, test, config)
+    best = final if math.isnan(fitted.best_test) else max(final, fitted.best_test)
+    return RoundRecord(r, len(labeled), final, fitted.epochs, queried, seconds, best, fitted.loss, fitted.accuracy)
 
 
 def _labels(train: Dataset) -> Tensor:
@@ -140,17 +184,26 @@ def _check_query(queried: Tensor, pool: Tensor, b: int, strategy: Strategy) -> N
         raise RuntimeError(f"{strategy!r} returned indices that are not in the pool")
 
 
-def fit(model: nn.Module, train: Dataset, labeled: Tensor, config: LoopConfig, generator: torch.Generator) -> int:
-    """Train on ``train[labeled]``; returns the epochs run.
+def fit(
+    model: nn.Module,
+    train: Dataset,
+    labeled: Tensor,
+    config: LoopConfig,
+    generator: torch.Generator,
+    test: Dataset | None = None,
+) -> Fit:
+    """Train on ``train[labeled]`` with Adam.
 
-    Training stops after the first epoch, from ``min_epochs`` on, at which the training accuracy has been at
-    least ``target_accuracy`` for more than ``patience`` consecutive epochs (the defaults, 1 and 0: the first
-    epoch that reaches it), and after ``max_epochs`` at the latest.
+    Training stops after the first epoch, from ``min_epochs`` on, by which more than ``patience`` of the
+    round's epochs (not necessarily consecutive, as in the official code) ended with a training accuracy of at
+    least ``target_accuracy``; with the defaults (1 and 0) that is the first epoch to reach it; after
+    ``max_epochs`` at the latest. With ``test`` and ``config.eval_every``, the test accuracy is also measured
+    every ``eval_every`` epochs and the best is returned (the official code's metric, measured every 5 epochs).
     """
     optimizer = torch.optim.Adam(model.parameters(), lr=config.lr)
     subset = Subset(train, labeled.tolist())
     device = next(model.parameters()).device
-    streak = 0
+    fitted, tested = 0, []
     for epoch in range(1, config.max_epochs + 1):
         model.train()
         loader = DataLoader(
@@ -162,14 +215,33 @@ def fit(model: nn.Module, train: Dataset, labeled: Tensor, config: LoopConfig, g
             optimizer.zero_grad()
             F.cross_entropy(model(x.to(device)), y.to(device)).backward()
             optimizer.step()
-        streak = streak + 1 if accuracy(model, subset, config) >= config.target_accuracy else 0
-        if epoch >= config.min_epochs and streak > config.patience:
-            return epoch
-    return config.max_epochs
+        fitted += accuracy(model, subset, config) >= config.target_accuracy
+        if test is not None and config.eval_every and epoch % config.eval_every == 0:
+            tested.append(accuracy(model, test, config))
+        if epoch >= config.min_epochs and fitted > config.patience:
+            break
+    loss, acc = loss_and_accuracy(model, subset)
+    return Fit(epoch, loss, acc, max(tested, default=float("nan")))
 
 
 def _has_batchnorm(model: nn.Module) -> bool:
     return any(isinstance(m, nn.modules.batchnorm._BatchNorm) for m in model.modules())
+
+
+@torch.no_grad()
+def loss_and_accuracy(model: nn.Module, dataset: Dataset) -> tuple[float, float]:
+    """Mean cross-entropy and accuracy of the model on ``dataset`` (eval mode; the mode is restored)."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    loss = correct = total = 0.0
+    for x, y in DataLoader(dataset, batch_size=512, collate_fn=_collate_xy):
+        logits = model(x.to(device)).float().cpu()
+        loss += float(F.cross_entropy(logits, y, reduction="sum"))
+        correct += int((logits.argmax(1) == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return loss / max(total, 1), correct / max(total, 1)
 
 
 @torch.no_grad()

@@ -1,0 +1,86 @@
+"""Paired statistics of the experiments page and the fixed rules that turn them into verdicts."""
+
+import math
+
+import pytest
+
+from fastdal.al import experiments, stats
+
+
+def test_paired_differences_by_hand():
+    a = {0: 80.0, 1: 82.0, 2: 85.0, 3: 90.0}
+    b = {0: 79.0, 1: 80.0, 2: 86.0, 3: 87.0, 4: 50.0}  # seed 4 has no partner: left out
+    d = stats.paired(a, b)
+    diffs = [1.0, 2.0, -1.0, 3.0]
+    mean = sum(diffs) / 4
+    std = math.sqrt(sum((x - mean) ** 2 for x in diffs) / 3)
+    t = mean / (std / 2)
+    assert d.mean == pytest.approx(mean) and d.std == pytest.approx(std)
+    assert (d.wins, d.seeds) == (3, 4)
+    from scipy.stats import t as student
+
+    assert d.p == pytest.approx(2 * student.sf(abs(t), 3))
+    assert math.isnan(stats.paired({0: 1.0}, {0: 2.0}).p)  # one seed: no test
+    assert math.isnan(stats.paired({0: 1.0, 1: 2.0}, {0: 0.0, 1: 1.0}).p)  # constant difference: no test
+
+
+def test_holm_by_hand():
+    adjusted = stats.holm([0.01, 0.04, math.nan, 0.03, 0.5])
+    # sorted: 0.01 x4 = 0.04; 0.03 x3 = 0.09; 0.04 x2 = 0.08 -> kept monotone at 0.09; 0.5 x1 = 0.5
+    assert adjusted[0] == pytest.approx(0.04)
+    assert adjusted[3] == pytest.approx(0.09)
+    assert adjusted[1] == pytest.approx(0.09)
+    assert math.isnan(adjusted[2]) and adjusted[4] == pytest.approx(0.5)
+    assert stats.holm([0.9, 0.8]) == [1.0, 1.0]
+
+
+def test_verdict_needs_the_adjusted_test():
+    up, down = stats.Paired(2.0, 1.0, 0.01, 9, 10), stats.Paired(-2.0, 1.0, 0.01, 1, 10)
+    assert stats.verdict(up, 0.01) == "better" and stats.verdict(down, 0.01) == "worse"
+    assert stats.verdict(up, 0.2) == "no difference detected"
+    assert stats.verdict(up, math.nan) == "no difference detected"
+
+
+def rows_for(setting: str, values: dict[str, list[float]], rounds: int = 2) -> list[dict]:
+    """Learning-curve rows: each strategy's per-seed AUC is given; round 0 is 0 (it must not count)."""
+    rows = []
+    for strategy, per_seed in values.items():
+        for seed, auc in enumerate(per_seed):
+            for r in range(rounds + 1):
+                acc = 0.0 if r == 0 else auc / 100
+                rows.append(
+                    {"setting": setting, "strategy": strategy, "seed": seed, "round": r, "rounds": rounds,
+                     "accuracy": acc, "best_accuracy": acc}
+                )  # fmt: skip
+    return rows
+
+
+def test_per_seed_auc_leaves_round_zero_out_and_the_best_baseline():
+    rows = rows_for("s", {"random": [70, 72], "margin": [75, 76], "badge": [74, 80]})
+    auc = stats.per_seed(rows)["s"]
+    assert auc["random"] == {0: pytest.approx(70.0), 1: pytest.approx(72.0)}
+    assert stats.best_baseline(auc) == "badge"  # mean 77 against margin's 75.5
+
+
+def test_fig3_verdict_rules():
+    seeds = 10
+    ahead = [80 + i % 3 for i in range(seeds)]
+    behind = [70 + (i * 2) % 5 for i in range(seeds)]
+    reproduced = rows_for("s", {"random": behind, "margin": [a - 3 - i % 2 for i, a in enumerate(ahead)],
+                                experiments.DYNAMIC: ahead})  # fmt: skip
+    assert experiments.fig3_verdict(reproduced).startswith("**Verdict: reproduced.**")
+    partly = rows_for("s", {"random": behind, "margin": [a + 3 + i % 2 for i, a in enumerate(ahead)],
+                            experiments.DYNAMIC: ahead})  # fmt: skip
+    assert experiments.fig3_verdict(partly).startswith("**Verdict: partly reproduced.**")
+    neither = rows_for("s", {"random": ahead, "margin": ahead, experiments.DYNAMIC: behind})
+    text = experiments.fig3_verdict(neither)
+    assert text.startswith("**Verdict: not reproduced.**") and "worse" in text
+
+
+def test_write_sections_replaces_only_between_markers(tmp_path):
+    page = tmp_path / "page.md"
+    page.write_text("head\n<!-- a:start -->\nold\n<!-- a:end -->\ntail\n")
+    experiments.write_sections(page, {"a": "new"})
+    assert page.read_text() == "head\n<!-- a:start -->\nnew\n<!-- a:end -->\ntail\n"
+    with pytest.raises(ValueError, match="lacks the markers"):
+        experiments.write_sections(page, {"b": "x"})
