@@ -22,13 +22,13 @@ from .batches import (
     with_progress,
 )
 from .capture import Plan, Target, model_on_device, preserved_model_state
+from .columns import Columns
 from .coverage import Layers, covered_parameters
 from .features import GradFeatures
 from .grads import LabeledGrad, as_grad_dict
 from .ops import last_layer_labeled_grad
 from .passes import (
     BackwardPass,
-    BatchTerms,
     LastLayerPass,
     check_batchnorm_statistics,
     find_head,
@@ -157,31 +157,28 @@ def _score_here(
         )
         return ScoreResult(*(t.to(dtype) for t in result[:3]), result.pseudo_label)
 
-    parts: list[BatchTerms] = []
+    columns = Columns(pool_size(pool_loader) if group is None else None)  # all that outlives a batch
     covered = [params[n] for n in grads]
     with model_on_device(model, device) as dev, preserved_model_state(model, covered):
         local = {n: g.to(device=dev, dtype=dtype) for n, g in grads.items()}
         head = _single_linear(model, list(local))
         last = LastLayerPass(model, head, local, backend) if head is not None else None
         full: BackwardPass | None = None
-        seen = 0
         for batch in with_progress(pool_loader, progress, "fastdal.score"):
             batch = to_device(batch, dev)
-            terms = last(batch, inputs, outputs, seen) if last is not None else None
+            terms = last(batch, inputs, outputs, columns.count) if last is not None else None
             if terms is None:
                 # Something follows the head (or there is no single head): use the backward pass
                 # from here on.
                 last = None
                 full = full or BackwardPass(model, local, dtype, backend)
-                terms = full(batch, inputs, outputs, seen)
-            parts.append(terms)
-            seen += terms.pseudo_label.shape[0]
+                terms = full(batch, inputs, outputs, columns.count)
+            columns.append(terms.sq_norm, terms.dot, terms.pseudo_label)
     if group is None:
-        check_pool_count(pool_loader, seen)
-    if parts:
-        sq = torch.cat([p.sq_norm for p in parts]).cpu()
-        dot = torch.cat([p.dot for p in parts]).cpu()
-        pseudo = torch.cat([p.pseudo_label for p in parts]).cpu()
+        check_pool_count(pool_loader, columns.count)
+    found = columns.finish()
+    if found is not None:
+        sq, dot, pseudo = (t.cpu() for t in found)
     else:
         sq = torch.zeros(0, dtype=dtype)
         dot = torch.zeros(0, dtype=dtype)

@@ -36,10 +36,13 @@ from .torch_ops import residual
 _MAX_REFINEMENTS = 64
 
 
-# On CPU the backward pass runs on pieces of at most this many samples: per-sample work gains nothing
-# from bigger batches there, while batch-sized activations and output gradients cost memory traffic that
-# smaller pieces keep in cache. Batches are cut as the loader collated them, before ``inputs=`` is
-# applied, and only when the probes of fastdal/layout.py showed that they can be cut that way.
+# On CPU the backward pass of a model with positions (convolutions, sequences) or vmap-handled modules runs
+# on pieces of at most this many samples: its per-sample work gains nothing from bigger batches there, while
+# batch-sized activations and output gradients cost memory traffic that smaller pieces keep in cache. A model
+# whose covered modules all map one row per sample to one row (MLPs, heads: GEMM-shaped) runs whole batches,
+# where bigger GEMMs are faster. Which kind a model is shows in the first batch's recorded calls, which runs in
+# pieces. Batches are cut as the loader collated them, before ``inputs=`` is applied, and only when the probes
+# of fastdal/layout.py showed that they can be cut that way.
 CPU_MICRO_BATCH = 32
 
 
@@ -118,6 +121,7 @@ class BackwardPass:
         self.plan = Plan(model, grads)
         self.layout: SampleLayout | None = None
         self.warned: set[str] = set()
+        self.piece: int | None = CPU_MICRO_BATCH  # None once the calls showed a GEMM-shaped model
 
     def __call__(self, batch: Any, inputs: Callable | None, outputs: Callable | None, first_index: int) -> BatchTerms:
         parts = [
@@ -132,17 +136,19 @@ class BackwardPass:
         layout = self._layout(batch, inputs, outputs)
         length = batch_length(batch)
         device = batch_device(batch)
+        piece = self.piece
         if (
-            not layout.splittable
+            piece is None
+            or not layout.splittable
             or length is None
-            or length <= CPU_MICRO_BATCH
+            or length <= piece
             or device is None
             or device.type != "cpu"
         ):
             yield 0, batch
             return
-        for start in range(0, length, CPU_MICRO_BATCH):
-            yield start, take_samples(batch, slice(start, start + CPU_MICRO_BATCH), length)
+        for start in range(0, length, piece):
+            yield start, take_samples(batch, slice(start, start + piece), length)
 
     def _layout(self, batch: Any, inputs: Callable | None, outputs: Callable | None) -> SampleLayout:
         """The sample layout, probed on the first batch and kept for the rest of the pass."""
@@ -165,6 +171,8 @@ class BackwardPass:
                 s, d = terms(target, record, local_grads, batch_size, self.dtype, backend=self.backend)
                 sq += s
                 dot += d
+        if _gemm_shaped(calls):
+            self.piece = None
         return BatchTerms(sq, dot, pseudo.detach())
 
     def capture(
@@ -254,6 +262,15 @@ class BackwardPass:
                     "(exact, slower)",
                     stacklevel=4,
                 )
+
+
+def _gemm_shaped(calls: dict[Target, list[Call]]) -> bool:
+    """Every covered module has a closed form and maps a (samples, features) input to (samples, features):
+    no positions, so its per-sample terms are row-wise products of batch GEMMs."""
+    return all(
+        target.kind != "generic" and all(t.dim() == 2 for call in record for t in (*call.outputs, *call.inputs))
+        for target, record in calls.items()
+    )
 
 
 def _feature_dims(target: Target) -> int | None:
