@@ -41,6 +41,10 @@ TORCH_LIBRARY(fastdal, m) {
   m.def(
       "last_layer_score(Tensor h, Tensor weight, Tensor? bias, Tensor? weight_grad, Tensor? bias_grad, "
       "float gamma, str precision=\"tf32x3\") -> (Tensor score, Tensor sq_norm, Tensor dot, Tensor pseudo_label)");
+  // The same from the logits z (N, K) the model's forward made, instead of W and b (CPU only).
+  m.def(
+      "last_layer_score_logits(Tensor h, Tensor logits, Tensor? weight_grad, Tensor? bias_grad, float gamma, "
+      "str precision=\"tf32x3\") -> (Tensor score, Tensor sq_norm, Tensor dot, Tensor pseudo_label)");
   // Per row n of a (N, T, d_in) and delta (N, T, d_out), g = delta[n]^T a[n] (d_out x d_in):
   // sq_norm = ||g||^2, dot = <g, weight_grad[n % groups]>. Ghost or direct, tile by tile.
   m.def(

@@ -98,6 +98,54 @@ def last_layer_score(
     return LastLayerScore(*out)
 
 
+def last_layer_score_logits(
+    h: Tensor,
+    logits: Tensor,
+    weight_grad: Tensor | None = None,
+    bias_grad: Tensor | None = None,
+    gamma: float = 2.0,
+    *,
+    backend: str = "auto",
+) -> LastLayerScore:
+    """:func:`last_layer_score` from the logits ``z = W h + b`` a forward has already made (one GEMM,
+    ``c = G_W h + G_b``, instead of two). The pseudo label is the argmax of these very logits.
+
+    Args:
+        h: (N, D) head inputs. logits: (N, K), same dtype. weight_grad: (K, D) or None. bias_grad: (K,) or
+        None (at least one given). gamma: weight of the dot-product term. backend: "auto", "torch" or "cpp"
+        (the GPU backends fuse ``z`` into :func:`last_layer_score` instead).
+    """
+    if not isinstance(h, Tensor) or h.dim() != 2 or not h.is_floating_point():
+        raise ValueError(f"h must be a floating-point (N, D) tensor, got {_shape(h)}")
+    if not isinstance(logits, Tensor) or logits.dim() != 2 or logits.shape[0] != h.shape[0] or logits.dtype != h.dtype:
+        raise ValueError(f"logits must be ({h.shape[0]}, K) of h's dtype {h.dtype}, got {_shape(logits)}")
+    k, d = logits.shape[1], h.shape[1]
+    if k < 1:
+        raise ValueError("logits must have at least one column (one class), got K=0")
+    _check_optional("weight_grad", weight_grad, (k, d))
+    _check_optional("bias_grad", bias_grad, (k,))
+    if weight_grad is None and bias_grad is None:
+        raise ValueError("last_layer_score_logits needs weight_grad, bias_grad or both")
+    gamma = as_real_number(gamma)
+    if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma):
+        raise ValueError(f"gamma must be a finite number, got {gamma!r}")
+    tensors = [t for t in (h, logits, weight_grad, bias_grad) if t is not None]
+    _same_device(tensors)
+    name = backends.choose("last_layer_score_logits", backend, tensors)
+    if name in (backends.CUDA, backends.TRITON):
+        if backends.requested(backend) == name:
+            raise ValueError(f"backend {name!r} has no last_layer_score_logits: use last_layer_score")
+        name = backends.TORCH
+    if name == backends.TORCH:
+        with _torch_matmuls(h, precision.get_matmul_precision()):
+            sq, dot, pseudo = torch_ops.last_layer_terms_from_logits(h, logits, weight_grad, bias_grad)
+        return LastLayerScore(sq + float(gamma) * dot, sq, dot, pseudo)
+    out = torch.ops.fastdal.last_layer_score_logits(
+        *(_contiguous(t) for t in (h, logits, weight_grad, bias_grad)), float(gamma), precision.get_matmul_precision()
+    )
+    return LastLayerScore(*out)
+
+
 def linear_sample_score(
     a: Tensor,
     delta: Tensor,

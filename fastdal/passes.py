@@ -15,7 +15,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import generic, layers
+from . import backends, generic, layers
 from .batches import batch_device, batch_length, check_finite, check_labels, read_logits, split_batch, take_samples
 from .capture import (
     Call,
@@ -28,7 +28,7 @@ from .capture import (
     reachable_parameters,
 )
 from .layout import SampleLayout
-from .ops import last_layer_score
+from .ops import last_layer_score, last_layer_score_logits
 from .torch_ops import residual
 
 # The first batch may reveal that the plan needs changing (a module never called, or called on a
@@ -73,8 +73,18 @@ def forward_recorded(
     return calls, list(recorder.order), logits
 
 
+CPU_BACKENDS = (backends.TORCH, backends.CPP)  # where the head's terms come from the forward's logits
+
+
 class LastLayerPass:
-    """Closed form for a covered final ``nn.Linear``: one no-grad forward, no backward."""
+    """Closed form for a covered final ``nn.Linear``: one no-grad forward, no backward.
+
+    The forward has made the logits already; where the terms run on the torch or cpp backend they are
+    computed from those logits (:func:`fastdal.ops.last_layer_score_logits`), with one GEMM (``G_W h``)
+    instead of the op's two (``W h`` again and ``G_W h``), and the pseudo label is the argmax of the very
+    logits the model returned. The GPU backends keep the fused op, which streams ``W`` and ``G_W`` once
+    without an N x K tensor.
+    """
 
     def __init__(self, model: nn.Module, target: Target, grads: dict[str, Tensor], backend: str):
         self.model, self.target, self.backend = model, target, backend
@@ -92,6 +102,10 @@ class LastLayerPass:
         h, logits = found
         check_finite(logits, first_index, "pool")
         weight, bias = (None if p is None else p.detach() for p in (self.target.module.weight, self.target.module.bias))
+        given = [t for t in (h, weight, bias, self.weight_grad, self.bias_grad) if t is not None]
+        if logits.dtype == h.dtype and backends.choose("last_layer_score", self.backend, given) in CPU_BACKENDS:
+            terms = last_layer_score_logits(h, logits, self.weight_grad, self.bias_grad, 0.0, backend=self.backend)
+            return BatchTerms(terms.sq_norm, terms.dot, terms.pseudo_label)
         terms = last_layer_score(h, weight, bias, self.weight_grad, self.bias_grad, gamma=0.0, backend=self.backend)
         return BatchTerms(terms.sq_norm, terms.dot, terms.pseudo_label)
 

@@ -112,6 +112,38 @@ def test_last_layer_score_confident_rows_keep_precision(device, backend):
     assert relative_error(result.sq_norm, expected.sq_norm) < 1e-4
 
 
+LOGITS_BACKENDS = [pytest.param(n, id=n) for n in cpu_backends(("torch", "cpp"))]
+
+
+@pytest.mark.parametrize("present", [(True, True), (True, False), (False, True)], ids=["both", "no-G_b", "no-G_W"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("n, d, k", LAST_SHAPES)
+@pytest.mark.parametrize("backend", LOGITS_BACKENDS)
+def test_last_layer_score_from_logits(backend, n, d, k, dtype, present):
+    """From the logits a forward made: the same terms as last_layer_score, the pseudo label their argmax."""
+    weight_grad, bias_grad = present
+    h, w, b, gw, gb = _last_inputs(n, d, k, dtype, "cpu", weight_grad=weight_grad, bias_grad=bias_grad)
+    logits = torch.nn.functional.linear(h, w, b)
+    expected = torch_ops.last_layer_score(*[None if t is None else t.double() for t in (h, w, b, gw, gb)], 2.0)
+    baseline = torch_ops.last_layer_score(*[None if t is None else t.float() for t in (h, w, b, gw, gb)], 2.0)
+    result = ops.last_layer_score_logits(h, logits, gw, gb, gamma=2.0, backend=backend)
+    assert torch.equal(result.pseudo_label, logits.argmax(1))
+    _close(result[:3], expected[:3], baseline[:3], dtype)
+
+
+def test_last_layer_score_from_logits_checks_its_inputs():
+    h, w, b, gw, gb = _last_inputs(4, 6, 5, torch.float32, "cpu")
+    logits = torch.nn.functional.linear(h, w, b)
+    with pytest.raises(ValueError, match="logits must be"):
+        ops.last_layer_score_logits(h, logits[:3], gw, gb)
+    with pytest.raises(ValueError, match="logits must be"):
+        ops.last_layer_score_logits(h, logits.double(), gw, gb)
+    with pytest.raises(ValueError, match="weight_grad"):
+        ops.last_layer_score_logits(h, logits, gw[:, :2], gb)
+    with pytest.raises(ValueError, match="needs weight_grad, bias_grad or both"):
+        ops.last_layer_score_logits(h, logits)
+
+
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
 @pytest.mark.parametrize("device, backend", BACKEND_CASES)
 def test_last_layer_score_non_finite_rows_are_nan(device, backend):
