@@ -33,7 +33,10 @@ def main(argv: list[str] | None = None) -> None:
     run.add_argument("--max-epochs", type=int, default=200)
     run.add_argument("--min-epochs", type=int, default=1, help="train at least this many epochs a round")
     run.add_argument(
-        "--patience", type=int, default=0, help="stop once training accuracy stayed at the target this many epochs more"
+        "--patience",
+        type=int,
+        default=0,
+        help="stop once more than this many of the round's epochs reached the target training accuracy",
     )
     run.add_argument("--target-accuracy", type=float, default=0.99, help="training accuracy that counts as fit")
     run.add_argument("--balanced-initial", action="store_true", help="draw the initial set evenly over the classes")
