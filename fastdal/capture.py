@@ -31,7 +31,17 @@ _KINDS: tuple[tuple[type[nn.Module], str, Any], ...] = (
     (nn.GroupNorm, "groupnorm", nn.GroupNorm.forward),
     (nn.RMSNorm, "rmsnorm", nn.RMSNorm.forward),
     (nn.Embedding, "embedding", nn.Embedding.forward),
+    (nn.MultiheadAttention, "mha", nn.MultiheadAttention.forward),
 )
+
+# Parameters of a child module that a closed-form kind reads itself (fastdal/attention.py): the stock
+# MultiheadAttention uses ``out_proj``'s weights directly and never calls it, so they are its own terms.
+_CHILD_PARAMS: dict[str, tuple[str, ...]] = {"mha": ("out_proj.weight", "out_proj.bias")}
+
+
+def _reads_itself(kind: str, local: str) -> bool:
+    """Whether a module of ``kind`` computes the terms of the parameter at path ``local`` inside it."""
+    return "." not in local or local in _CHILD_PARAMS.get(kind, ())
 
 
 def module_kind(module: nn.Module) -> str:
@@ -158,9 +168,12 @@ class Call:
     ``edges`` are the outputs' places in the autograd graph taken when the module returned: if the
     model later writes into an output (``out += identity``, ``relu_``), the gradient asked of the edge
     is still the one of the value the module produced. An output that is a view of a tensor the module
-    made (``nn.Linear`` on 3-D inputs returns a view of its 2-D product) is asked through that tensor's
-    edge, since an in-place write into the view re-roots the view's own history and leaves its old edge
-    off the path to the loss; ``views`` then says how to read the output's gradient out of it.
+    made (``nn.Linear`` on 3-D inputs returns a view of its 2-D product) and that the model then writes
+    into is asked through that tensor's edge, since an in-place write into the view re-roots the view's
+    own history and leaves its old edge off the path to the loss; ``views`` then says how to read the
+    output's gradient out of it. A view the model leaves alone keeps its own edge (``settle``): the edge
+    of the tensor it views also carries the gradient of any other use of that tensor inside the call
+    (``nn.MultiheadAttention``'s per-head weights are a view of the softmax that also weighs the values).
     ``inputs`` are the tensors among the arguments, in ``tree_flatten((args, kwargs))`` order; ``in_dims``
     and ``out_dims`` say which dimension of each input and output tensor holds the samples
     (fastdal/layout.py), once the call has been read.
@@ -176,18 +189,27 @@ class Call:
     deltas: list[torch.Tensor | None] | None = None
     in_dims: list | None = None
     out_dims: list | None = None
+    own_edges: list[GradientEdge | None] = field(default_factory=list)  # each output's own edge
 
     def modified_in_place(self) -> bool:
         return any(t._version != v for t, v in zip(self.outputs, self.versions))
+
+    def settle(self) -> None:
+        """Once the forward is over: every view output the model did not write into is asked through its
+        own edge instead of its base's."""
+        for i, (t, version, own) in enumerate(zip(self.outputs, self.versions, self.own_edges)):
+            if self.views[i] is not None and t._version == version and own is not None:
+                self.edges[i], self.views[i] = own, None
 
 
 class Plan:
     """The set of targets covering a set of named parameters, refined as the model is observed.
 
-    Parameters are first given to the module that holds them. A module that is never called (its
-    parent uses its weights directly, as ``nn.MultiheadAttention`` does with ``out_proj``), or whose
-    input has no sample dimension (a positional embedding looked up once and broadcast), hands its
-    parameters up to its parent, which is then treated generically; a parameter shared by several
+    Parameters are first given to the module that holds them, or to its parent where the parent's closed
+    form reads them itself (``_CHILD_PARAMS``: the stock ``nn.MultiheadAttention`` and its ``out_proj``). A
+    module that is never called (its parent uses its weights directly), or whose input has no sample
+    dimension (a positional embedding looked up once and broadcast), hands its parameters up to its parent,
+    which is then treated generically (unless, again, its closed form reads them); a parameter shared by several
     modules goes to their closest common ancestor. Parameters that do not reach the output at all
     have a zero gradient and are dropped.
     """
@@ -205,6 +227,12 @@ class Plan:
             paths = holders[id(params[name])]
             if len(paths) == 1:
                 owner, local = _split(paths[0])
+                if owner:
+                    # A child whose parent's closed form reads the parameter (never calling the child) would
+                    # only hand it up after the first batch, at the cost of running that batch again.
+                    parent, leaf = _split(owner)
+                    if _join(leaf, local) in _CHILD_PARAMS.get(module_kind(self.modules[parent]), ()):
+                        owner, local = parent, _join(leaf, local)
             else:
                 owner = _common_prefix([_split(p)[0] for p in paths])
                 local = _relative(paths[0], owner)
@@ -215,22 +243,22 @@ class Plan:
         if target is None:
             module = self.modules[module_name]
             kind = module_kind(module)
-            if kind != "generic" and "." in local:
+            if not _reads_itself(kind, local):
                 kind = "generic"  # a closed-form module only knows its own weight and bias
             target = self.targets[module_name] = Target(module_name, module, kind)
-        elif "." in local:
+        elif not _reads_itself(target.kind, local):
             target.kind = "generic"
         target.params[local] = full_name
 
     def hand_up(self, target: Target) -> None:
-        """Give ``target``'s parameters to its parent module, which handles them generically."""
+        """Give ``target``'s parameters to its parent module, which handles them generically unless its
+        closed form reads them itself (``_CHILD_PARAMS``)."""
         del self.targets[target.name]
         parent, leaf = _split(target.name) if target.name else ("", "")
         if not target.name:
             raise RuntimeError("fastdal: the model's own call could not be read per sample")
         for local, full_name in target.params.items():
             self._give(parent, _join(leaf, local), full_name)
-        self.targets[parent].kind = "generic"
 
     def describe(self) -> str:
         return ", ".join(f"{t.name or '<model>'} ({t.kind})" for t in self.targets.values())
@@ -305,8 +333,9 @@ class Recorder:
                 source, view = _produced_value(t, inputs)
                 edges.append(get_gradient_edge(source) if source.grad_fn is not None else None)
                 views.append(view)
+            own = [get_gradient_edge(t) if t.grad_fn is not None else None for t in tensors]
             versions = [t._version for t in tensors]
-            self.calls[target].append(Call(args, kwargs, inputs, tensors, versions, edges, views))
+            self.calls[target].append(Call(args, kwargs, inputs, tensors, versions, edges, views, own_edges=own))
             self.order.append(target)
             return None
 
@@ -322,6 +351,9 @@ class Recorder:
             yield self.calls
         finally:
             self.recording = False
+        for calls in self.calls.values():
+            for call in calls:
+                call.settle()
 
 
 def reachable_parameters(root: torch.Tensor) -> set[int]:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import backends, distributed, generic, layers, ops, precision
+from . import attention, backends, distributed, generic, layers, ops, precision
 from .batches import batch_labels, check_loader, check_pool_count, split_batch, to_device, with_progress
 from .capture import Call, Target, model_on_device, preserved_model_state
 from .coverage import covered_parameters
@@ -552,7 +552,9 @@ def _flat_block(target: Target, record: list[Call], batch_size: int, rank: int, 
 
 
 def _per_sample(target: Target, record: list[Call], batch_size: int, dtype) -> dict[str, Tensor]:
-    """Exact per-sample gradients ``{local: (B, *shape)}`` of parameters other than Linear/Conv weights."""
+    """Exact per-sample gradients ``{local: (B, *shape)}`` of parameters other than Linear/Conv weights (a
+    MultiheadAttention's projections included: flattened and projected like any parameter without a Linear
+    of its own)."""
     m = target.module
     if target.kind in ("batchnorm", "layernorm", "rmsnorm", "groupnorm"):
         sums = layers.norm_per_sample(target, record, batch_size, dtype)
@@ -568,6 +570,8 @@ def _per_sample(target: Target, record: list[Call], batch_size: int, dtype) -> d
                 )
                 total = part if total is None else total + part
         sums = {"bias": total} if total is not None else {}
+    elif target.kind == "mha":  # from the recomputed projections' factors, without vmap
+        sums = attention.per_sample_gradients(target, record, batch_size, dtype)
     else:
         sums = generic.per_sample_gradients(target, record, slice(0, batch_size), batch_size) or {}
     device = next(target.module.parameters()).device

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import backends, ops
+from . import attention, backends, ops
 from .capture import Call, Target
 from .torch_ops import chunks, sq_and_dot, use_ghost_norm
 
@@ -29,7 +29,7 @@ def data_input(call: Call) -> Tensor:
 def feature_dims(target: Target) -> int | None:
     """Trailing feature dimensions of a closed-form module's input and output (None: the module itself
     takes dimension 0 as the batch, as convolutions and BatchNorm/GroupNorm do)."""
-    if target.kind == "linear":
+    if target.kind in ("linear", "mha"):
         return 1
     if target.kind in ("layernorm", "rmsnorm"):
         return len(target.module.normalized_shape)
@@ -41,6 +41,8 @@ def feature_dims(target: Target) -> int | None:
 def readable(target: Target, call: Call, batch_size: int) -> bool:
     """Whether the module computes each sample on its own in this call: its input and its output hold the
     samples in the same dimension, and that dimension is one the module maps position by position."""
+    if target.kind == "mha":
+        return attention.readable(target, call, batch_size)
     if len(call.outputs) != 1 or not call.inputs:
         return False
     a, dim, out_dim = call.inputs[0], call.in_dims[0], call.out_dims[0]
@@ -353,4 +355,5 @@ CLOSED_FORM = {
     "rmsnorm": norm_terms,
     "groupnorm": norm_terms,
     "embedding": embedding_terms,
+    "mha": attention.mha_terms,
 }

@@ -130,7 +130,7 @@ class WideHead(nn.Module):
 
 
 class MHAModel(nn.Module):
-    """nn.MultiheadAttention (no closed form: the generic vmap path), sequence-first layout."""
+    """nn.MultiheadAttention (its own closed form, fastdal/attention.py), sequence-first layout."""
 
     def __init__(self, d=8, classes=3):
         super().__init__()
