@@ -357,12 +357,11 @@ def _features_here(
                     params[n].requires_grad_(True)
                 dtype = accumulation_dtype(params[n] for n in names)
                 builder = _Builder(model, names, head, rank, seed, dtype, backend)
-            for _, piece in builder.pass_.pieces(batch, inputs, outputs):
-                y = batch_labels(piece, labels) if labeled else None
-                blocks, used = builder(piece, inputs, outputs, seen, y)
-                parts.append(blocks)
-                label_parts.append(used)
-                seen += used.shape[0]
+            y = batch_labels(batch, labels) if labeled else None
+            blocks, used = builder(batch, inputs, outputs, seen, y)
+            parts.append(blocks)
+            label_parts.append(used)
+            seen += used.shape[0]
     if group is None:
         check_pool_count(loader, seen)
     if builder is None:

@@ -9,14 +9,14 @@ outputs only, so no weight gradient is ever formed.
 from __future__ import annotations
 
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
 
 from . import backends, generic, layers
-from .batches import batch_device, batch_length, check_finite, check_labels, read_logits, split_batch, take_samples
+from .batches import batch_length, check_finite, check_labels, read_logits, split_batch
 from .capture import (
     Call,
     Plan,
@@ -34,16 +34,6 @@ from .torch_ops import residual
 # The first batch may reveal that the plan needs changing (a module never called, or called on a
 # tensor without a sample dimension); each change hands parameters one level up and re-runs the batch.
 _MAX_REFINEMENTS = 64
-
-
-# On CPU the backward pass of a model with positions (convolutions, sequences) or vmap-handled modules runs
-# on pieces of at most this many samples: its per-sample work gains nothing from bigger batches there, while
-# batch-sized activations and output gradients cost memory traffic that smaller pieces keep in cache. A model
-# whose covered modules all map one row per sample to one row (MLPs, heads: GEMM-shaped) runs whole batches,
-# where bigger GEMMs are faster. Which kind a model is shows in the first batch's recorded calls, which runs in
-# pieces. Batches are cut as the loader collated them, before ``inputs=`` is applied, and only when the probes
-# of fastdal/layout.py showed that they can be cut that way.
-CPU_MICRO_BATCH = 32
 
 
 class BatchTerms(NamedTuple):
@@ -135,34 +125,12 @@ class BackwardPass:
         self.plan = Plan(model, grads)
         self.layout: SampleLayout | None = None
         self.warned: set[str] = set()
-        self.piece: int | None = CPU_MICRO_BATCH  # None once the calls showed a GEMM-shaped model
 
     def __call__(self, batch: Any, inputs: Callable | None, outputs: Callable | None, first_index: int) -> BatchTerms:
-        parts = [
-            self._run(piece, inputs, outputs, first_index + start)
-            for start, piece in self.pieces(batch, inputs, outputs)
-        ]
-        return parts[0] if len(parts) == 1 else BatchTerms(*(torch.cat(column) for column in zip(*parts)))
-
-    def pieces(self, batch: Any, inputs: Callable | None, outputs: Callable | None) -> Iterator[tuple[int, Any]]:
-        """``(offset, piece)``: the batch itself, or pieces of CPU_MICRO_BATCH samples on the CPU when the
-        batch can be cut into samples."""
-        layout = self._layout(batch, inputs, outputs)
-        length = batch_length(batch)
-        device = batch_device(batch)
-        piece = self.piece
-        if (
-            piece is None
-            or not layout.splittable
-            or length is None
-            or length <= piece
-            or device is None
-            or device.type != "cpu"
-        ):
-            yield 0, batch
-            return
-        for start in range(0, length, piece):
-            yield start, take_samples(batch, slice(start, start + piece), length)
+        # Whole batches, as the loader collated them: cutting them into cache-sized pieces on the CPU was
+        # 20% faster on a quiet machine for a CNN, but each piece's many small parallel regions made the
+        # pass slow down 1.4-1.7x more than a training step when another process competed for the cores.
+        return self._run(batch, inputs, outputs, first_index)
 
     def _layout(self, batch: Any, inputs: Callable | None, outputs: Callable | None) -> SampleLayout:
         """The sample layout, probed on the first batch and kept for the rest of the pass."""
@@ -185,8 +153,6 @@ class BackwardPass:
                 s, d = terms(target, record, local_grads, batch_size, self.dtype, backend=self.backend)
                 sq += s
                 dot += d
-        if _gemm_shaped(calls):
-            self.piece = None
         return BatchTerms(sq, dot, pseudo.detach())
 
     def capture(
@@ -276,15 +242,6 @@ class BackwardPass:
                     "(exact, slower)",
                     stacklevel=4,
                 )
-
-
-def _gemm_shaped(calls: dict[Target, list[Call]]) -> bool:
-    """Every covered module has a closed form and maps a (samples, features) input to (samples, features):
-    no positions, so its per-sample terms are row-wise products of batch GEMMs."""
-    return all(
-        target.kind != "generic" and all(t.dim() == 2 for call in record for t in (*call.outputs, *call.inputs))
-        for target, record in calls.items()
-    )
 
 
 def _feature_dims(target: Target) -> int | None:

@@ -5,7 +5,6 @@ import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 import fastdal
-from fastdal.batches import batch_length
 
 from conftest import TOLERANCE, cpu_backends, relative_error
 from helpers import loaders
@@ -65,8 +64,8 @@ def test_batch_sizes(batch_size):
     _check("rescnn", torch.float64, "all", batch_size=batch_size)
 
 
-def test_large_batches_split_on_cpu():
-    """Batches above fastdal.passes.CPU_MICRO_BATCH are scored in pieces; results and indices still line up."""
+def test_large_batches():
+    """Batches of 70 and 5: results and indices line up with the reference."""
     model, make_inputs, _ = build("rescnn")
     x = make_inputs(75, torch.float64)
     pool = DataLoader(TensorDataset(x), batch_size=70)
@@ -78,30 +77,6 @@ def test_large_batches_split_on_cpu():
     x[66] = float("nan")
     with pytest.raises(ValueError, match="pool index 66"):
         fastdal.score(model, pool, g)
-
-
-@pytest.mark.parametrize(("name", "pieces"), [("mlp", [32, 32, 6, 70, 70, 70]), ("rescnn", [32, 32, 6] * 4)])
-def test_cpu_pieces_follow_the_layer_shapes(name, pieces, monkeypatch):
-    """A model whose covered modules are all GEMM-shaped (one row per sample in and out) runs whole batches
-    after the first; one with positions (convolutions) keeps pieces of CPU_MICRO_BATCH. Scores are the same."""
-    from fastdal import passes
-
-    model, make_inputs, _ = build(name)
-    x = make_inputs(280, torch.float64)
-    pool = DataLoader(TensorDataset(x), batch_size=70)
-    g = {n: torch.randn_like(p) for n, p in model.named_parameters()}
-    seen = []
-    run = passes.BackwardPass._run
-
-    def spy(self, batch, *args):
-        seen.append(batch_length(batch))
-        return run(self, batch, *args)
-
-    monkeypatch.setattr(passes.BackwardPass, "_run", spy)
-    result = fastdal.score(model, pool, g, return_components=True)
-    assert seen == pieces
-    expected = fastdal.reference.score(model, pool, g, dtype=torch.float64, return_components=True)
-    assert relative_error(result.score, expected.score) < 1e-9
 
 
 def test_module_subset():
