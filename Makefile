@@ -1,7 +1,7 @@
 # The two set-up commands of the README: `make demo` and `make test`. Each installs what it needs.
 PYTHON ?= python3
 
-.PHONY: deps deps-integrations install test fuzz demo bench cmake lint gpu-check gpu-compile
+.PHONY: deps deps-integrations install test fuzz demo bench bench-peers cmake lint gpu-check gpu-compile
 
 # torch 2.13.0 (CPU) is installed only where no torch is present, so that a CUDA build already on a
 # GPU machine is used as it is; likewise triton (3.7.1 pairs with torch 2.13). The other packages do
@@ -49,6 +49,21 @@ demo: deps
 bench: deps
 	$(PYTHON) bench/bench_norm_choice.py
 	$(PYTHON) bench/bench_score.py
+
+# fastdal beside the per-sample-gradient libraries (bench/peers/run.py): quiet timings, peak memory in fresh
+# processes, then the training step and fastdal again under a background load. BackPACK and Opacus depend on
+# torch, so, as for deps-integrations, they go in pinned with --no-deps, then their pure-Python dependencies by
+# name, and the last line fails if torch was replaced along the way.
+PEERS := backpack-for-pytorch==1.7.1 unfoldNd==0.2.3 opacus==1.6.0
+PEER_DEPS := einops opt-einsum
+bench-peers: install
+	@$(PYTHON) -c "from importlib.metadata import version as v; import einops, opt_einsum; \
+		assert [v(p) for p in ('backpack-for-pytorch', 'unfoldNd', 'opacus')] == ['1.7.1', '0.2.3', '1.6.0']" \
+		2>/dev/null || { \
+		before=$$($(PYTHON) -c "import torch; print(torch.__version__)") && \
+		$(PYTHON) -m pip install --no-deps $(PEERS) && $(PYTHON) -m pip install $(PEER_DEPS) && \
+		test "$$($(PYTHON) -c 'import torch; print(torch.__version__)')" = "$$before"; }
+	$(PYTHON) bench/peers/run.py --background-load
 
 cmake: deps
 	cmake -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
