@@ -50,6 +50,12 @@ TORCH_LIBRARY(fastdal, m) {
   m.def(
       "linear_sample_score(Tensor a, Tensor delta, Tensor? weight_grad, int groups, bool ghost, "
       "str precision=\"tf32x3\") -> (Tensor sq_norm, Tensor dot)");
+  // Per sample n of a Conv1d/Conv2d weight (K, C / groups, *kernel): g_n = sum over c of the weight
+  // gradient of the unpadded convolution of inputs[c][n] with output gradient deltas[c][n];
+  // sq_norm = ||g_n||^2, dot = <g_n, weight_grad> (CPU only).
+  m.def(
+      "conv_sample_score(Tensor[] inputs, Tensor[] deltas, Tensor weight, int[] stride, int[] dilation, "
+      "int groups, Tensor? weight_grad) -> (Tensor sq_norm, Tensor dot)");
   // Per row n of a (N, T, d_in) and delta (N, T, d_out), with p_in (r_in, d_in) and
   // p_out (groups, r_out, d_out): out[n] = sum_t (p_out[n % groups] delta[n, t]) (p_in a[n, t])^T,
   // an (r_out, r_in) projection of the row's weight gradient delta[n]^T a[n], never formed.

@@ -56,6 +56,11 @@ def _register_fakes() -> None:
         n = a.shape[0]
         return a.new_empty(n, dtype=accumulation(a)), a.new_empty(n, dtype=accumulation(a))
 
+    @torch.library.register_fake("fastdal::conv_sample_score")
+    def _(inputs, deltas, weight, stride, dilation, groups, weight_grad):
+        n = inputs[0].shape[0]
+        return weight.new_empty(n), weight.new_empty(n)
+
     @torch.library.register_fake("fastdal::kron_project")
     def _(a, delta, p_in, p_out, precision="tf32x3"):
         return a.new_empty(a.shape[0], p_out.shape[1], p_in.shape[0], dtype=accumulation(a))

@@ -10,6 +10,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, distributed, reference, selection
+from .allocator import release_free_memory
 from .batches import (
     batch_labels,
     check_finite,
@@ -177,6 +178,7 @@ def _score_here(
     if group is None:
         check_pool_count(pool_loader, columns.count)
     found = columns.finish()
+    release_free_memory()
     if found is not None:
         sq, dot, pseudo = (t.cpu() for t in found)
     else:

@@ -3,6 +3,7 @@ loader keeps pool order."""
 
 from __future__ import annotations
 
+import math
 import sys
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from typing import Any
@@ -217,7 +218,21 @@ def read_logits(output: Any, outputs: Callable[[Any], Tensor] | None) -> Tensor:
     return output
 
 
+def all_finite(t: Tensor) -> bool:
+    """Whether every element of ``t`` is finite.
+
+    A sum is NaN or infinite whenever one of its terms is, so one reduction pass answers for the usual
+    case; ``torch.isfinite`` makes several passes and allocates two tensors of ``t``'s size (on a
+    10000 x 512 head's gradient it took 20x a sum). Only a non-finite sum, which finite terms of huge
+    magnitude can also give, is checked element by element.
+    """
+    with torch.no_grad():
+        return math.isfinite(t.sum().item()) or bool(torch.isfinite(t).all())
+
+
 def check_finite(logits: Tensor, first_index: int, what: str) -> None:
+    if all_finite(logits):
+        return
     bad = ~torch.isfinite(logits).all(dim=1)
     if bad.any():
         i = int(bad.nonzero()[0, 0])

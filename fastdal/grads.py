@@ -7,6 +7,8 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor, nn
 
+from .batches import all_finite
+
 
 class LabeledGrad:
     """Sum over a labeled set of per-sample cross-entropy gradients at the true labels.
@@ -89,6 +91,6 @@ def as_grad_dict(labeled_grad: LabeledGrad | Mapping[str, Tensor], model: nn.Mod
                 f"labeled_grad[{name!r}] has shape {tuple(g.shape)} but the model's parameter has shape "
                 f"{tuple(params[name].shape)}; was it computed for another model?"
             )
-        if not (g.is_floating_point() and torch.isfinite(g).all()):
+        if not (g.is_floating_point() and all_finite(g)):
             raise ValueError(f"labeled_grad[{name!r}] must be a finite floating-point tensor")
     return grads

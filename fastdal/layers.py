@@ -129,7 +129,7 @@ def conv_terms(target, calls, grads, batch_size, dtype, backend="auto"):
         w_grad = grads.get("weight")
         ghost = use_ghost_norm(positions, d_in, d_out)
         if not ghost and _per_sample_conv_backward(backend, pairs[0][0]):
-            s, d = _conv_direct_terms(m, pairs, w_grad, batch_size, dtype)
+            s, d = _conv_direct_terms(m, pairs, w_grad, dtype, backend)
         else:
             s, d = _unfolded_conv_terms(m, pairs, w_grad, batch_size, ghost, backend)
         sq, dot = sq + s, dot + d
@@ -207,37 +207,15 @@ def padded_input(m, x: Tensor) -> Tensor:
     return F.pad(x, m._reversed_padding_repeated_twice, mode=mode)
 
 
-def _conv_direct_terms(m, pairs, grad: Tensor | None, batch_size: int, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
-    """Each sample's conv weight gradient from PyTorch's convolution backward on a batch of one.
-
-    The gradient of one sample (one layer's weight) is reduced to its norm and dot product while it
-    is still in cache, so nothing larger than one weight is ever allocated.
-    """
+def _conv_direct_terms(m, pairs, grad: Tensor | None, dtype: torch.dtype, backend: str) -> tuple[Tensor, Tensor]:
+    """Each sample's conv weight gradient from PyTorch's convolution backward on a batch of one
+    (:func:`fastdal.ops.conv_sample_score`: in one parallel loop over the samples where the extension is
+    built, else in Python)."""
     weight = m.weight.detach().to(dtype)
-    no_padding = [0] * (weight.dim() - 2)
-    flat_grad = None if grad is None else grad.reshape(-1)
-    sq, dot = [], []
-    for i in range(batch_size):
-        g = None
-        for x, delta in pairs:
-            part = torch.ops.aten.convolution_backward(
-                delta[i : i + 1],
-                x[i : i + 1],
-                weight,
-                None,
-                m.stride,
-                no_padding,
-                m.dilation,
-                False,
-                no_padding,
-                m.groups,
-                [False, True, False],
-            )[1]
-            g = part if g is None else g + part
-        g = g.reshape(-1)
-        sq.append(torch.linalg.vector_norm(g).square())
-        dot.append(g @ flat_grad if flat_grad is not None else torch.zeros_like(sq[-1]))
-    return torch.stack(sq), torch.stack(dot)
+    backend = backends.TORCH if backends.requested(backend) == backends.TORCH else backends.AUTO
+    inputs, deltas = [x for x, _ in pairs], [delta for _, delta in pairs]
+    grad = None if grad is None else grad.to(dtype)
+    return ops.conv_sample_score(inputs, deltas, weight, m.stride, m.dilation, m.groups, grad, backend=backend)
 
 
 def _sum_over(x: Tensor, dims: tuple[int, ...]) -> Tensor:

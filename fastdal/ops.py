@@ -207,6 +207,63 @@ def linear_sample_score(
     return tuple(torch.ops.fastdal.linear_sample_score(a, delta, _contiguous(weight_grad), groups, bool(ghost), mode))
 
 
+def conv_sample_score(
+    inputs: list[Tensor],
+    deltas: list[Tensor],
+    weight: Tensor,
+    stride: tuple[int, ...],
+    dilation: tuple[int, ...],
+    groups: int,
+    weight_grad: Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Per-sample ``||g||^2`` and ``<g, G>`` of a Conv1d/Conv2d weight, one convolution backward per sample.
+
+    ``g_n`` is the sum over the module's calls ``c`` of the weight gradient of the *unpadded* convolution
+    (padding applied to ``inputs`` beforehand) of ``inputs[c][n]`` with output gradient ``deltas[c][n]``,
+    computed by PyTorch's own convolution backward on a batch of one: on CPU this beats unfolding the input
+    (``linear_sample_score``), whose copy costs more than the convolution. The cpp backend runs the samples
+    in one parallel loop over torch's threads; the torch backend loops over them in Python.
+
+    Args:
+        inputs, deltas: one (N, C, *spatial) input and one (N, K, *spatial_out) output gradient per call,
+            all of the weight's dtype. weight: (K, C / groups, *kernel). stride, dilation: per spatial
+            dimension. weight_grad: the weight's shape, or None (then ``dot`` is zero). backend: "auto",
+            "torch" or "cpp" (the GPU backends have no kernel for it: "auto" takes torch there).
+
+    Returns:
+        ``sq_norm, dot`` (N,), in the weight's dtype.
+    """
+    if not isinstance(weight, Tensor) or weight.dim() not in (3, 4) or not weight.is_floating_point():
+        raise ValueError(f"weight must be a floating-point Conv1d or Conv2d weight, got {_shape(weight)}")
+    if not inputs or len(inputs) != len(deltas):
+        raise ValueError(
+            f"inputs and deltas must be non-empty lists of one length, got {len(inputs)} and {len(deltas)} tensors"
+        )
+    n = inputs[0].shape[0]
+    for c, (x, delta) in enumerate(zip(inputs, deltas)):
+        if x.dim() != weight.dim() or delta.dim() != weight.dim() or x.shape[0] != n or delta.shape[0] != n:
+            raise ValueError(
+                f"inputs[{c}] and deltas[{c}] must be {weight.dim()}-D with {n} samples, got {_shape(x)} and "
+                f"{_shape(delta)}"
+            )
+        if x.dtype != weight.dtype or delta.dtype != weight.dtype:
+            raise ValueError(f"inputs[{c}] and deltas[{c}] must have the weight's dtype {weight.dtype}")
+    _check_optional("weight_grad", weight_grad, tuple(weight.shape))
+    tensors = [weight, *inputs, *deltas] + ([] if weight_grad is None else [weight_grad])
+    _same_device(tensors)
+    name = backends.choose("conv_sample_score", backend, tensors)
+    if name in (backends.CUDA, backends.TRITON):
+        if backends.requested(backend) == name:
+            raise ValueError(f"backend {name!r} has no conv_sample_score: use linear_sample_score")
+        name = backends.TORCH
+    args = (list(inputs), list(deltas), weight, list(stride), list(dilation), int(groups), weight_grad)
+    if name == backends.TORCH:
+        return torch_ops.conv_sample_score(*args)
+    return tuple(torch.ops.fastdal.conv_sample_score(*args))
+
+
 def kron_project(a: Tensor, delta: Tensor, p_in: Tensor, p_out: Tensor, *, backend: str = "auto") -> Tensor:
     """Per-row random projection ``P_out g P_in^T`` of a weight gradient ``g = delta^T a``, never forming ``g``.
 

@@ -12,6 +12,8 @@ from collections.abc import Iterator
 import torch
 from torch import Tensor
 
+from .batches import all_finite
+
 # Upper bound, in elements, on the per-chunk temporaries of one op or layer (64 MiB in float32).
 CHUNK_ELEMENTS = 1 << 24
 
@@ -96,9 +98,12 @@ def last_layer_score(
         if gb is not None:
             scale = scale + 1
             c = c + gb
-        finite = torch.isfinite(z).all(dim=1)
-        sq[rows] = torch.where(finite, e.square().sum(dim=1) * scale, torch.nan)
-        dot[rows] = torch.where(finite, (e * c).sum(dim=1), torch.nan)
+        sq[rows] = e.square().sum(dim=1) * scale
+        dot[rows] = (e * c).sum(dim=1)
+        if not all_finite(z):
+            finite = torch.isfinite(z).all(dim=1)
+            sq[rows] = torch.where(finite, sq[rows], torch.nan)
+            dot[rows] = torch.where(finite, dot[rows], torch.nan)
     torch.add(sq, dot, alpha=gamma, out=score)
     return score, sq, dot, pseudo
 
@@ -128,10 +133,56 @@ def last_layer_terms_from_logits(
         if gb is not None:
             scale = scale + 1
             c = c + gb
-        finite = torch.isfinite(logits[rows]).all(dim=1)
-        sq[rows] = torch.where(finite, e.square().sum(dim=1) * scale, torch.nan)
-        dot[rows] = torch.where(finite, (e * c).sum(dim=1), torch.nan)
+        sq[rows] = e.square().sum(dim=1) * scale
+        dot[rows] = (e * c).sum(dim=1)
+        if not all_finite(logits[rows]):
+            finite = torch.isfinite(logits[rows]).all(dim=1)
+            sq[rows] = torch.where(finite, sq[rows], torch.nan)
+            dot[rows] = torch.where(finite, dot[rows], torch.nan)
     return sq, dot, pseudo
+
+
+@torch.no_grad()
+def conv_sample_score(
+    inputs: list[Tensor],
+    deltas: list[Tensor],
+    weight: Tensor,
+    stride: list[int],
+    dilation: list[int],
+    groups: int,
+    weight_grad: Tensor | None,
+) -> tuple[Tensor, Tensor]:
+    """Each sample's conv weight gradient from PyTorch's convolution backward on a batch of one.
+
+    The gradient of one sample (one layer's weight) is reduced to its norm and dot product while it
+    is still in cache, so nothing larger than one weight is ever allocated.
+    """
+    no_padding = [0] * (weight.dim() - 2)
+    flat_grad = None if weight_grad is None else weight_grad.reshape(-1)
+    sq, dot = [], []
+    for i in range(inputs[0].shape[0]):
+        g = None
+        for x, delta in zip(inputs, deltas):
+            part = torch.ops.aten.convolution_backward(
+                delta[i : i + 1],
+                x[i : i + 1],
+                weight,
+                None,
+                stride,
+                no_padding,
+                dilation,
+                False,
+                no_padding,
+                groups,
+                [False, True, False],
+            )[1]
+            g = part if g is None else g + part
+        g = g.reshape(-1)
+        sq.append(torch.linalg.vector_norm(g).square())
+        dot.append(g @ flat_grad if flat_grad is not None else torch.zeros_like(sq[-1]))
+    if not sq:
+        return weight.new_zeros(0), weight.new_zeros(0)
+    return torch.stack(sq), torch.stack(dot)
 
 
 @torch.no_grad()

@@ -55,8 +55,9 @@ def _close(result, expected, float32_torch, dtype):
 # last_layer_score
 # --------------------------------------------------------------------------------------------------
 
-# (N, D, K): one row, two classes, odd widths, K not a power of two, and a K that needs streaming.
-LAST_SHAPES = [(1, 7, 2), (9, 129, 10), (5, 33, 1001), (3, 16, 50000)]
+# (N, D, K): one row, two classes, odd widths, K not a power of two, and Ks that need streaming (the CPU
+# kernel walks tiles of 1024 classes: 2049 ends in a tile of one).
+LAST_SHAPES = [(1, 7, 2), (9, 129, 10), (5, 33, 1001), (4, 20, 2049), (3, 16, 50000)]
 
 
 def _last_inputs(n, d, k, dtype, device, *, bias=True, weight_grad=True, bias_grad=True):
@@ -263,6 +264,85 @@ def test_last_layer_torch_backend_against_autograd():
         sq = wi.grad.square().sum() + bi.grad.square().sum()
         dot = (wi.grad * gw).sum() + (bi.grad * gb).sum()
         assert torch.allclose(result.sq_norm[i], sq) and torch.allclose(result.dot[i], dot)
+
+
+# --------------------------------------------------------------------------------------------------
+# conv_sample_score
+# --------------------------------------------------------------------------------------------------
+
+# (module, input shape): stride, dilation, groups (depthwise too), a 1x1 kernel and a Conv1d.
+CONV_CASES = [
+    pytest.param(lambda: torch.nn.Conv2d(4, 6, 3), (5, 4, 9, 9), id="2d"),
+    pytest.param(lambda: torch.nn.Conv2d(4, 6, 3, stride=2, dilation=2, groups=2), (3, 4, 11, 10), id="2d-strided"),
+    pytest.param(lambda: torch.nn.Conv2d(6, 6, (3, 1), groups=6), (4, 6, 7, 5), id="2d-depthwise"),
+    pytest.param(lambda: torch.nn.Conv2d(3, 5, 1), (2, 3, 4, 4), id="2d-1x1"),
+    pytest.param(lambda: torch.nn.Conv1d(4, 8, 5, stride=3, groups=4), (6, 4, 23), id="1d"),
+]
+
+
+def _conv_inputs(build, shape, calls, dtype):
+    torch.manual_seed(0)
+    m = build().double()
+    inputs = [torch.randn(*shape, dtype=torch.float64) for _ in range(calls)]
+    deltas = [torch.randn_like(m(x)) for x in inputs]
+    grad = torch.randn_like(m.weight)
+    return m, [x.to(dtype) for x in inputs], [d.to(dtype) for d in deltas], m.weight.detach().to(dtype), grad.to(dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize("calls", [1, 2], ids=["one-call", "two-calls"])
+@pytest.mark.parametrize("build, shape", CONV_CASES)
+@pytest.mark.parametrize("backend", [pytest.param(n, id=n) for n in cpu_backends(("torch", "cpp"))])
+def test_conv_sample_score(backend, build, shape, calls, dtype):
+    """Against per-sample gradients formed by autograd, one sample at a time, summed over the calls."""
+    m, inputs, deltas, weight, grad = _conv_inputs(build, shape, calls, dtype)
+    expected_sq, expected_dot = [], []
+    for i in range(shape[0]):
+        g = sum(
+            torch.autograd.grad(m(x[i : i + 1].double()), m.weight, d[i : i + 1].double())[0]
+            for x, d in zip(inputs, deltas)
+        )
+        expected_sq.append(g.square().sum())
+        expected_dot.append((g * grad.double()).sum())
+    expected = (torch.stack(expected_sq), torch.stack(expected_dot))
+    baseline = torch_ops.conv_sample_score(
+        [x.float() for x in inputs],
+        [d.float() for d in deltas],
+        weight.float(),
+        m.stride,
+        m.dilation,
+        m.groups,
+        grad.float(),
+    )
+    result = ops.conv_sample_score(inputs, deltas, weight, m.stride, m.dilation, m.groups, grad, backend=backend)
+    assert all(r.dtype == dtype and r.shape == (shape[0],) for r in result)
+    _close(result, expected, baseline, dtype)
+    without_grad = ops.conv_sample_score(inputs, deltas, weight, m.stride, m.dilation, m.groups, backend=backend)
+    assert torch.equal(without_grad[0], result[0]) and torch.equal(without_grad[1], torch.zeros_like(result[1]))
+
+
+@pytest.mark.parametrize("backend", [pytest.param(n, id=n) for n in cpu_backends(("torch", "cpp"))])
+def test_conv_sample_score_empty_batch_and_non_finite_rows(backend):
+    m, inputs, deltas, weight, grad = _conv_inputs(CONV_CASES[0].values[0], (4, 4, 9, 9), 1, torch.float32)
+    empty = ops.conv_sample_score(
+        [inputs[0][:0]], [deltas[0][:0]], weight, m.stride, m.dilation, 1, grad, backend=backend
+    )
+    assert [t.shape for t in empty] == [(0,), (0,)]
+    inputs[0][2, 1, 3, 3] = float("nan")
+    sq, dot = ops.conv_sample_score(inputs, deltas, weight, m.stride, m.dilation, 1, grad, backend=backend)
+    assert sq[2].isnan() and dot[2].isnan() and torch.isfinite(sq[[0, 1, 3]]).all()
+
+
+def test_conv_sample_score_checks_its_inputs():
+    m, inputs, deltas, weight, grad = _conv_inputs(CONV_CASES[0].values[0], (2, 4, 9, 9), 1, torch.float32)
+    with pytest.raises(ValueError, match="non-empty lists of one length"):
+        ops.conv_sample_score(inputs, deltas + deltas, weight, m.stride, m.dilation, 1, grad)
+    with pytest.raises(ValueError, match="must be 4-D with 2 samples"):
+        ops.conv_sample_score(inputs, [deltas[0][:1]], weight, m.stride, m.dilation, 1, grad)
+    with pytest.raises(ValueError, match="weight's dtype"):
+        ops.conv_sample_score([inputs[0].double()], deltas, weight, m.stride, m.dilation, 1, grad)
+    with pytest.raises(ValueError, match="weight_grad"):
+        ops.conv_sample_score(inputs, deltas, weight, m.stride, m.dilation, 1, grad[:1])
 
 
 # --------------------------------------------------------------------------------------------------

@@ -11,7 +11,8 @@
    right after the same neighbour; the median over rounds is the method's time. A peer whose first call took
    more than SLOW_FACTOR training steps is timed by that call alone: its one-off costs (wrapping, tracing)
    are well under a second, a few percent of its time at most, its ratios are far from any target, and more
-   calls would take most of the benchmark's time.
+   calls would take most of the benchmark's time. Every other timing repeats the call until MIN_SECONDS have
+   passed and takes the mean per call.
 3. With ``--background-load``: alternating rounds of the training step and fastdal with the background load
    paused and running (contention.py); each one's slowdown is its median loaded time over its median quiet one.
 
@@ -38,6 +39,7 @@ import fastdal
 
 REFERENCE_SAMPLES = 8  # pool samples checked against the float64 reference
 SLOW_FACTOR = 10.0  # peers slower than this many training steps are timed by their first call
+MIN_SECONDS = 0.5  # one timing repeats a method's call until this much time has passed
 
 
 def _reason(err: BaseException) -> str:
@@ -53,9 +55,15 @@ def _error(x: Tensor | None, ref: Tensor) -> float | None:
 
 
 def _timed(fn: Callable[[], Scores]) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+    """Seconds per call: calls repeated until MIN_SECONDS have passed, so that a pass of a few milliseconds
+    (the MLP, the head) is not one sample of the scheduler's noise, least of all under load."""
+    calls, start = 0, time.perf_counter()
+    while True:
+        fn()
+        calls += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= MIN_SECONDS:
+            return elapsed / calls
 
 
 def _reference_check(setup: Setup, fastdal_scores: Scores) -> dict:

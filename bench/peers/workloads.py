@@ -154,10 +154,12 @@ def _features(g: torch.Generator, n: int) -> Tensor:
     return torch.randn(n, 64, generator=g)
 
 
-# Pools of one batch by default (run.py --batches N for more): every method's time grows linearly with the
-# pool, and on 2 cores the slowest peers take 10-50 training steps per batch, so more batches would stretch
-# `make bench-peers` far past a quarter of an hour. One batch is the harder case for fastdal: its once-per-call
-# work (the two small probe forwards that find each tensor's sample dimension) is not spread over batches.
+# Pools of one batch for the models whose training step takes a good part of a second (run.py --batches N
+# for more): every method's time grows linearly with the pool, and on 2 cores the slowest peers take 10-50
+# training steps per batch, so more batches would stretch `make bench-peers` far past a quarter of an hour.
+# One batch is the harder case for fastdal: its once-per-call work (the small probe forwards that find each
+# tensor's sample dimension) is not spread over batches. The MLP and the head take milliseconds per batch,
+# where that once-per-call work would weigh 10-20% of one batch, and score pools of four.
 WORKLOADS: dict[str, Workload] = {
     w.name: w
     for w in [
@@ -182,7 +184,7 @@ WORKLOADS: dict[str, Workload] = {
             notes=["BatchNorm replaced by nn.Identity (no normalization), every other layer as in ResNet-18"],
         ),
         Workload("transformer", "transformer (4 layers)", TextTransformer, _tokens, 4, batch=32, batches=1),
-        Workload("mlp", "MLP 784-1024-1024-10", lambda: MLP(784, 10, hidden=1024), _digits, 10, batch=512, batches=1),
+        Workload("mlp", "MLP 784-1024-1024-10", lambda: MLP(784, 10, hidden=1024), _digits, 10, batch=512, batches=4),
         Workload(
             "head10k",
             "K=10000 head (last layer)",
@@ -190,7 +192,7 @@ WORKLOADS: dict[str, Workload] = {
             _features,
             10_000,
             batch=128,
-            batches=1,
+            batches=4,
             layers="last",
         ),
     ]

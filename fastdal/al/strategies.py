@@ -19,6 +19,7 @@ from torch import Tensor
 import fastdal
 
 from .. import precision
+from ..batches import all_finite
 from ..selection import check_budget
 from ..torch_ops import chunks
 from .strategy import RoundState, Strategy, StrategyFactory
@@ -115,7 +116,7 @@ def k_center_greedy(points: Tensor, centers: Tensor, b: int) -> Tensor:
         )
     b = check_budget(b, points.shape[0])
     for what, t in (("points", points), ("centers", centers)):
-        if not torch.isfinite(t).all():
+        if not all_finite(t):
             raise ValueError(f"{what} must be finite")
     chosen = torch.zeros(b, dtype=torch.long)
     if b == 0:
