@@ -138,3 +138,19 @@ def test_native_backends_match_reference(backend, name, layers):
     assert torch.equal(result.pseudo_label, expected.pseudo_label)
     for field in ("score", "sq_norm", "dot"):
         assert relative_error(getattr(result, field), getattr(expected, field)) < TOLERANCE[torch.float32], field
+
+
+def test_paper_cnn_at_full_size_float32():
+    """The paper's vanilla CNN on 32x32x3 inputs, float32: the test models above are small, and some kernels
+    only take over at full width (PyTorch's convolution backward goes to oneDNN for 32 input channels on a
+    32x32 map, where a per-sample gradient formed inside a parallel region once came out halved)."""
+    torch.manual_seed(0)
+    model = fastdal.models.VanillaCNN(3, 10).eval()
+    pool = DataLoader(TensorDataset(torch.randn(6, 3, 32, 32)), batch_size=3)
+    labeled = DataLoader(TensorDataset(torch.randn(4, 3, 32, 32), torch.arange(4)), batch_size=4)
+    g = fastdal.reference.labeled_grad(model, labeled, layers="all", dtype=torch.float64)
+    expected = fastdal.reference.score(model, pool, g, dtype=torch.float64, return_components=True)
+    result = fastdal.score(model, pool, g, return_components=True)
+    for field in ("sq_norm", "dot"):
+        err = relative_error(getattr(result, field), getattr(expected, field))
+        assert err < TOLERANCE[torch.float32], (field, err)

@@ -277,6 +277,9 @@ CONV_CASES = [
     pytest.param(lambda: torch.nn.Conv2d(6, 6, (3, 1), groups=6), (4, 6, 7, 5), id="2d-depthwise"),
     pytest.param(lambda: torch.nn.Conv2d(3, 5, 1), (2, 3, 4, 4), id="2d-1x1"),
     pytest.param(lambda: torch.nn.Conv1d(4, 8, 5, stride=3, groups=4), (6, 4, 23), id="1d"),
+    # Wide enough that PyTorch's own convolution backward goes to oneDNN, whose weight gradient, called from a
+    # thread of a parallel region, summed only that thread's share (half the gradient with two threads).
+    pytest.param(lambda: torch.nn.Conv2d(32, 16, 3), (2, 32, 32, 32), id="2d-wide"),
 ]
 
 

@@ -3,14 +3,16 @@
 // Per sample n, g_n = the sum over the module's calls c of the weight gradient of an unpadded convolution of
 // inputs[c][n] with output gradient deltas[c][n]; sq_norm[n] = ||g_n||^2 and dot[n] = <g_n, weight_grad>.
 //
-// Each g_n comes from ATen's own convolution backward on a batch of one (no im2col copy, which costs more
-// than the convolution on CPU) and is reduced to its two numbers at once, so nothing larger than one
-// weight per thread is allocated. The samples are split over the threads by one at::parallel_for, inside
-// which each backward runs on its calling thread: calling the backward once per sample from Python opened
-// one parallel region per sample and layer, and with another process competing for the cores every one of
-// them waited for its slowest thread (the vanilla CNN's score slowed down 5.6x where a training step slowed
-// down 2x). The threads are torch's (torch.set_num_threads).
-#include <array>
+// Each g_n is formed group by group as delta_n (K_g x T) times the sample's unfolded input (T x C_g k), one
+// GEMM on one sample's data in a thread's own buffers, and reduced to its two numbers at once, so nothing
+// larger than one weight and one sample's unfolded input per thread is allocated. The samples are split over
+// torch's threads (torch.set_num_threads) by one at::parallel_for: calling PyTorch's convolution backward once
+// per sample from Python opened one parallel region per sample and layer, and with another process competing
+// for the cores every one of them waited for its slowest thread (the vanilla CNN's score slowed down 5.6x
+// where a training step slowed down 2x). ATen's convolution backward cannot run inside that loop: oneDNN's
+// weight gradient, called from a thread of a parallel region, split its reduction for the region's threads and
+// summed only its own part (half the gradient with two threads).
+#include <algorithm>
 #include <utility>
 #include <vector>
 
@@ -47,26 +49,65 @@ std::pair<acc_t, acc_t> norm_and_dot(const scalar_t* x, const scalar_t* y, int64
   return {s, d};
 }
 
+// A convolution's shape, 1-D ones as 2-D with a height of one.
+struct Geometry {
+  int64_t channels, height, width;        // of one group's input
+  int64_t kernel_h, kernel_w, stride_h, stride_w, dilation_h, dilation_w;
+  int64_t out_h, out_w;                   // positions of the output
+  int64_t rows() const { return channels * kernel_h * kernel_w; }  // of the unfolded input
+  int64_t positions() const { return out_h * out_w; }
+};
+
+// The unfolded input of one sample's group: row (c, i, j) holds x[c, y * stride_h + i * dilation_h,
+// x * stride_w + j * dilation_w] over the output positions (y, x); `cols` is rows() x positions().
 template <typename scalar_t>
-void score_samples(at::TensorList inputs, at::TensorList deltas, const at::Tensor& weight, at::IntArrayRef stride,
-                   at::IntArrayRef dilation, int64_t groups, const at::Tensor& flat_grad, at::Tensor& sq,
-                   at::Tensor& dot) {
-  const std::vector<int64_t> no_padding(weight.dim() - 2, 0);
-  const std::array<bool, 3> weight_only{false, true, false};
+void unfold(const scalar_t* x, const Geometry& g, scalar_t* cols) {
+  for (int64_t c = 0; c < g.channels; ++c)
+    for (int64_t i = 0; i < g.kernel_h; ++i)
+      for (int64_t j = 0; j < g.kernel_w; ++j) {
+        scalar_t* row = cols + ((c * g.kernel_h + i) * g.kernel_w + j) * g.positions();
+        for (int64_t y = 0; y < g.out_h; ++y) {
+          const scalar_t* src = x + (c * g.height + y * g.stride_h + i * g.dilation_h) * g.width + j * g.dilation_w;
+          scalar_t* dst = row + y * g.out_w;
+          for (int64_t o = 0; o < g.out_w; ++o) dst[o] = src[o * g.stride_w];
+        }
+      }
+}
+
+// Per sample i: its weight gradient, group by group, as delta_i (K_g x T) times its unfolded input
+// (T x C_g k), one GEMM of the weight's size on one sample's data, summed over the calls, then reduced.
+template <typename scalar_t>
+void score_samples(const std::vector<at::Tensor>& inputs, const std::vector<at::Tensor>& deltas,
+                   const std::vector<Geometry>& shapes, int64_t out_channels, int64_t groups, const at::Tensor& flat_grad,
+                   at::Tensor& sq, at::Tensor& dot) {
+  const int64_t out_per_group = out_channels / groups;
+  const int64_t weight_size = out_channels * shapes[0].rows();
+  int64_t cols_size = 0;
+  for (const Geometry& g : shapes) cols_size = std::max(cols_size, g.rows() * g.positions());
   scalar_t* sq_out = sq.data_ptr<scalar_t>();
   scalar_t* dot_out = dot.data_ptr<scalar_t>();
   const scalar_t* grad = flat_grad.defined() ? flat_grad.const_data_ptr<scalar_t>() : nullptr;
   at::parallel_for(0, sq.size(0), 1, [&](int64_t first, int64_t last) {
+    std::vector<scalar_t> cols(cols_size), sample_grad(weight_size), part(inputs.size() > 1 ? weight_size : 0);
     for (int64_t i = first; i < last; ++i) {
-      at::Tensor g;
       for (size_t c = 0; c < inputs.size(); ++c) {
-        at::Tensor part = std::get<1>(at::convolution_backward(deltas[c].narrow(0, i, 1), inputs[c].narrow(0, i, 1),
-                                                               weight, std::nullopt, stride, no_padding, dilation,
-                                                               false, no_padding, groups, weight_only));
-        g = g.defined() ? g.add_(part) : part;
+        const Geometry& g = shapes[c];
+        const int64_t t = g.positions(), rows = g.rows();
+        const scalar_t* x = inputs[c].const_data_ptr<scalar_t>() + i * inputs[c].stride(0);
+        const scalar_t* delta = deltas[c].const_data_ptr<scalar_t>() + i * deltas[c].stride(0);
+        scalar_t* out = c == 0 ? sample_grad.data() : part.data();
+        for (int64_t group = 0; group < groups; ++group) {
+          unfold(x + group * g.channels * g.height * g.width, g, cols.data());
+          // Column-major: out_group^T (rows x K_g) = cols^T-as-stored (rows x T) delta_group^T (T x K_g).
+          gemm<scalar_t>(true, false, rows, out_per_group, t, cols.data(), t, delta + group * out_per_group * t, t,
+                         out + group * out_per_group * rows, rows);
+        }
+        if (c > 0) {
+#pragma omp simd
+          for (int64_t j = 0; j < weight_size; ++j) sample_grad[j] += part[j];
+        }
       }
-      g = g.contiguous();
-      const auto [s, d] = norm_and_dot(g.const_data_ptr<scalar_t>(), grad, g.numel());
+      const auto [s, d] = norm_and_dot(sample_grad.data(), grad, weight_size);
       sq_out[i] = static_cast<scalar_t>(s);
       dot_out[i] = static_cast<scalar_t>(d);
     }
@@ -97,10 +138,37 @@ std::tuple<at::Tensor, at::Tensor> conv_sample_score_cpu(at::TensorList inputs, 
                 weight.sizes(), ", got ", weight_grad->sizes());
     flat_grad = weight_grad->contiguous().view(-1);
   }
+  // The kernel reads plain row-major samples: a copy where autograd handed over another layout.
+  const bool one_d = weight.dim() == 3;
+  std::vector<at::Tensor> xs, ds;
+  std::vector<Geometry> shapes;
+  for (size_t c = 0; c < inputs.size(); ++c) {
+    xs.push_back(inputs[c].contiguous());
+    ds.push_back(deltas[c].contiguous());
+    Geometry g{weight.size(1),
+               one_d ? 1 : inputs[c].size(2),
+               inputs[c].size(-1),
+               one_d ? 1 : weight.size(2),
+               weight.size(-1),
+               one_d ? 1 : stride[0],
+               stride.back(),
+               one_d ? 1 : dilation[0],
+               dilation.back(),
+               one_d ? 1 : deltas[c].size(2),
+               deltas[c].size(-1)};
+    TORCH_CHECK(inputs[c].size(1) == g.channels * groups, "fastdal (cpp): inputs[", c, "] must have ",
+                g.channels * groups, " channels (the weight's input channels times groups), got shape ",
+                inputs[c].sizes());
+    TORCH_CHECK(g.out_h == (g.height - g.dilation_h * (g.kernel_h - 1) - 1) / g.stride_h + 1 &&
+                    g.out_w == (g.width - g.dilation_w * (g.kernel_w - 1) - 1) / g.stride_w + 1,
+                "fastdal (cpp): deltas[", c, "] has shape ", deltas[c].sizes(),
+                ", not the output shape of the unpadded convolution of inputs[", c, "] ", inputs[c].sizes());
+    shapes.push_back(g);
+  }
   auto sq = at::empty({n}, weight.options());
   auto dot = at::empty({n}, weight.options());
   AT_DISPATCH_FLOATING_TYPES(weight.scalar_type(), "conv_sample_score_cpu", [&] {
-    score_samples<scalar_t>(inputs, deltas, weight, stride, dilation, groups, flat_grad, sq, dot);
+    score_samples<scalar_t>(xs, ds, shapes, weight.size(0), groups, flat_grad, sq, dot);
   });
   return {sq, dot};
 }
