@@ -194,6 +194,10 @@ class Call:
     def modified_in_place(self) -> bool:
         return any(t._version != v for t, v in zip(self.outputs, self.versions))
 
+    def release(self) -> None:
+        """Drop every tensor the record holds (its terms are computed): the memory goes back at once."""
+        self.args, self.kwargs, self.inputs, self.outputs, self.deltas = (), {}, [], [], None
+
     def settle(self) -> None:
         """Once the forward is over: every view output the model did not write into is asked through its
         own edge instead of its base's."""

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from . import backends, generic, layers
+from .backward import backward_to_outputs
 from .batches import batch_length, check_finite, check_labels, read_logits, split_batch
 from .capture import (
     Call,
@@ -139,21 +140,29 @@ class BackwardPass:
         return self.layout
 
     def _run(self, batch: Any, inputs: Callable | None, outputs: Callable | None, first_index: int) -> BatchTerms:
-        calls, logits, pseudo = self.capture(batch, inputs, outputs, first_index)
-        batch_size = logits.shape[0]
-        sq = torch.zeros(batch_size, dtype=self.dtype, device=logits.device)
-        dot = torch.zeros_like(sq)
-        # The recorded inputs are part of the forward's graph: no result may keep it alive.
-        with torch.no_grad():
-            for target, record in calls.items():
-                if not record:
-                    continue  # not called in this batch: its parameters got no gradient
+        totals: list[Tensor] = []  # sq_norm and dot, made once the forward has told the batch size
+
+        def add_terms(target: Target, record: list[Call], logits: Tensor) -> None:
+            """A target's terms as soon as the backward has reached all its calls; then its recorded tensors
+            go, as a training step's saved activations go once their layer's backward has run."""
+            batch_size = logits.shape[0]
+            if not totals:
+                totals.extend(torch.zeros(batch_size, dtype=self.dtype, device=logits.device) for _ in range(2))
+            if record:
                 local_grads = {local: self.grads[full] for local, full in target.params.items()}
                 terms = generic.generic_terms if target.kind == "generic" else layers.CLOSED_FORM[target.kind]
-                s, d = terms(target, record, local_grads, batch_size, self.dtype, backend=self.backend)
-                sq += s
-                dot += d
-        return BatchTerms(sq, dot, pseudo.detach())
+                # The recorded inputs are part of the forward's graph: no result may keep it alive.
+                with torch.no_grad():
+                    s, d = terms(target, record, local_grads, batch_size, self.dtype, backend=self.backend)
+                    totals[0] += s
+                    totals[1] += d
+            for call in record:
+                call.release()
+
+        _, logits, pseudo = self.capture(batch, inputs, outputs, first_index, on_ready=add_terms)
+        if not totals:  # no covered module was recorded
+            totals.extend(torch.zeros(logits.shape[0], dtype=self.dtype, device=logits.device) for _ in range(2))
+        return BatchTerms(totals[0], totals[1], pseudo.detach())
 
     def capture(
         self,
@@ -162,11 +171,13 @@ class BackwardPass:
         outputs: Callable | None,
         first_index: int,
         labels: Tensor | None = None,
+        on_ready: Callable[[Target, list[Call], Tensor], None] | None = None,
     ) -> tuple[dict[Target, list[Call]], Tensor, Tensor]:
         """One forward and one backward of the cross-entropy at ``labels`` (default: the pseudo labels).
 
         Returns every target's recorded calls, their sample dimensions and ``deltas`` filled, the logits
-        and the labels used.
+        and the labels used. ``on_ready(target, calls, logits)`` runs for each target as soon as the
+        backward has filled its calls (fastdal/backward.py).
         """
         layout = self._layout(batch, inputs, outputs)
         args, kwargs = split_batch(batch, inputs)
@@ -186,7 +197,15 @@ class BackwardPass:
         else:
             labels = check_labels(labels, logits.shape[0], logits.shape[1], first_index)
             check_finite(logits, first_index, "labeled")
-        self._backward(calls, logits, residual(logits, labels, self.dtype))
+        ready = None
+        if on_ready is not None:
+            ready = lambda target, record: on_ready(target, record, logits)  # noqa: E731
+            for record in calls.values():
+                for call in record:
+                    # The terms read inputs and output gradients only. A module's output is often kept by
+                    # nothing else (a conv before its ReLU: the backward saves the ReLU's result): let it go.
+                    call.outputs = []
+        backward_to_outputs(calls, logits, residual(logits, labels, self.dtype), ready)
         return calls, logits, labels
 
     def _refine(self, calls: dict[Target, list[Call]], logits: Tensor) -> bool:
@@ -209,28 +228,6 @@ class BackwardPass:
                 self.plan.hand_up(target)
                 changed = True
         return changed
-
-    def _backward(self, calls: dict[Target, list[Call]], logits: Tensor, seed: Tensor) -> None:
-        """Fill every call's ``deltas`` with the gradient of the pseudo-label loss at its outputs."""
-        wanted: dict[tuple[int, int], int] = {}
-        edges = []
-        for record in calls.values():
-            for call in record:
-                for edge in call.edges:
-                    if edge is not None and (id(edge.node), edge.output_nr) not in wanted:
-                        wanted[(id(edge.node), edge.output_nr)] = len(edges)
-                        edges.append(edge)
-        grads: tuple[Tensor | None, ...] = (None,) * len(edges)
-        if edges and logits.requires_grad:
-            grads = torch.autograd.grad(logits, edges, grad_outputs=seed.to(logits.dtype), allow_unused=True)
-        for record in calls.values():
-            for call in record:
-                call.deltas = []
-                for edge, view in zip(call.edges, call.views):
-                    delta = None if edge is None else grads[wanted[(id(edge.node), edge.output_nr)]]
-                    if delta is not None and view is not None:
-                        delta = delta.contiguous().as_strided(*view)  # the output's part of its base's gradient
-                    call.deltas.append(delta)
 
     def _warn_generic(self) -> None:
         for target in self.plan.targets.values():

@@ -81,6 +81,22 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
     return torch.allclose(a, b, rtol=1e-12, atol=1e-12)
 
 
+def _same_picks(picks: torch.Tensor, expected: torch.Tensor, scores: torch.Tensor) -> bool:
+    """The one-process picks, except among samples whose scores tie up to rounding at the cut.
+
+    The three equal pool samples score alike in one process, but over shards their labeled gradient is
+    summed in another order and BLAS rounds a row differently in batches of other sizes: their scores may
+    then differ in the last bit, and the cut between them falls where that bit says (1e-16 apart here).
+    """
+    if torch.equal(picks, expected):
+        return True
+    got, want = set(picks.tolist()), set(expected.tolist())
+    if len(got) != len(picks) or len(got) != len(want):
+        return False
+    cut = min(scores[i].item() for i in want)
+    return all(abs(scores[i].item() - cut) <= 1e-12 * abs(cut) for i in got ^ want)
+
+
 def _check_all(rank: int, world: int, expected: dict) -> None:
     model, (pool, labeled, labels) = _model(), _data()
     pool_set, labeled_set = TensorDataset(pool), TensorDataset(labeled, labels)
@@ -104,7 +120,7 @@ def _check_all(rank: int, world: int, expected: dict) -> None:
                 assert _close(getattr(got, field), getattr(want["score"], field)), (layers, case, field)
             assert torch.equal(got.pseudo_label, want["score"].pseudo_label), (layers, case)
             picks = fastdal.query(model, loader, labeled_loader, want["b"], layers=layers, indices=indices)
-            assert torch.equal(picks, want["query"]), (layers, case, picks, want["query"])
+            assert _same_picks(picks, want["query"], want["score"].score), (layers, case, picks, want["query"])
             if case == "consecutive" and world == 3:  # an empty shard: features cannot read the projections
                 with pytest.raises(ValueError, match="at least one sample"):
                     fastdal.features(model, loader, layers=layers, rank=4)

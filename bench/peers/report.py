@@ -116,12 +116,20 @@ def _e(value: float | None) -> str:
     return "—" if value is None else f"{value:.0e}".replace("e-0", "e-")
 
 
+def fastdal_is_wrong(record: dict) -> bool:
+    """Whether fastdal's own scores missed the float64 per-sample reference (then no ratio of it means anything)."""
+    ref = record.get("fastdal_vs_float64_reference")
+    errors = [] if not ref else [ref["sq_norm_max_rel_err"], ref["dot_max_rel_err"]]
+    return any(e is None or not e <= AGREE_TOL for e in errors)
+
+
 def _agreement(name: str, e: dict, record: dict) -> str:
     if name == "fastdal":
         ref = record.get("fastdal_vs_float64_reference")
         if not ref:
             return ""
-        return f"float64 ref: sq {_e(ref['sq_norm_max_rel_err'])}, dot {_e(ref['dot_max_rel_err'])}"
+        text = f"float64 ref: sq {_e(ref['sq_norm_max_rel_err'])}, dot {_e(ref['dot_max_rel_err'])}"
+        return f"**WRONG**: {text}" if fastdal_is_wrong(record) else text
     if e["kind"] == "baseline":
         return ""
     if e["kind"] == "norm":
