@@ -63,7 +63,7 @@ def main() -> None:
     parser.add_argument("--workloads", nargs="+", choices=list(WORKLOADS), default=list(WORKLOADS))
     parser.add_argument("--rounds", type=int, default=3, help="timing rounds per workload (median reported)")
     parser.add_argument("--background-load", action="store_true", help="also time train step and fastdal under load")
-    parser.add_argument("--load-rounds", type=int, default=3, help="quiet/loaded round pairs per workload")
+    parser.add_argument("--load-rounds", type=int, default=5, help="quiet/loaded round pairs per workload")
     parser.add_argument("--batches", type=int, help="pool batches per workload (default 1; each adds a pool's time)")
     parser.add_argument("--threads", type=int, help="torch threads in every process (default: torch's, all cores)")
     parser.add_argument("--no-memory", action="store_true", help="skip the fresh-process peak memory runs")

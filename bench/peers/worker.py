@@ -16,7 +16,7 @@
 3. With ``--background-load``: alternating rounds of the training step and fastdal with the background load
    paused and running (contention.py); each one's slowdown is its median loaded time over its median quiet one.
 
-    python bench/peers/worker.py WORKLOAD OUT.json [--rounds 3] [--background-load] [--load-rounds 3] [--batches N]
+    python bench/peers/worker.py WORKLOAD OUT.json [--rounds 3] [--background-load] [--load-rounds 5] [--batches N]
 """
 
 from __future__ import annotations
@@ -182,7 +182,7 @@ def main() -> None:
     parser.add_argument("out")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--background-load", action="store_true")
-    parser.add_argument("--load-rounds", type=int, default=3)
+    parser.add_argument("--load-rounds", type=int, default=5)
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--batches", type=int, default=None, help="pool batches (default: the workload's)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's, all cores)")
