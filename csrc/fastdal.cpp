@@ -56,6 +56,8 @@ TORCH_LIBRARY(fastdal, m) {
   m.def(
       "conv_sample_score(Tensor[] inputs, Tensor[] deltas, Tensor weight, int[] stride, int[] dilation, "
       "int groups, Tensor? weight_grad) -> (Tensor sq_norm, Tensor dot)");
+  // F.unfold of a 4-D x (N, C, H, W) without padding: (N, C kh kw, positions), row (c, i, j) (CPU only).
+  m.def("unfold(Tensor x, int[] kernel_size, int[] stride, int[] dilation) -> Tensor");
   // Per row n of a (N, T, d_in) and delta (N, T, d_out), with p_in (r_in, d_in) and
   // p_out (groups, r_out, d_out): out[n] = sum_t (p_out[n % groups] delta[n, t]) (p_in a[n, t])^T,
   // an (r_out, r_in) projection of the row's weight gradient delta[n]^T a[n], never formed.

@@ -61,6 +61,12 @@ def _register_fakes() -> None:
         n = inputs[0].shape[0]
         return weight.new_empty(n), weight.new_empty(n)
 
+    @torch.library.register_fake("fastdal::unfold")
+    def _(x, kernel_size, stride, dilation):
+        rows = x.shape[1] * kernel_size[0] * kernel_size[1]
+        out_h, out_w = ((x.shape[d + 2] - dilation[d] * (kernel_size[d] - 1) - 1) // stride[d] + 1 for d in (0, 1))
+        return x.new_empty(x.shape[0], rows, out_h * out_w)
+
     @torch.library.register_fake("fastdal::kron_project")
     def _(a, delta, p_in, p_out, precision="tf32x3"):
         return a.new_empty(a.shape[0], p_out.shape[1], p_in.shape[0], dtype=accumulation(a))

@@ -166,7 +166,7 @@ def _unfolded_conv_terms(m, pairs, grad: Tensor | None, batch_size: int, ghost: 
     for samples in chunks(batch_size, groups * positions * (d_in + d_out)):
         cols, deltas = [], []
         for x, delta in pairs:
-            a_part, delta_part = unfolded_rows(m, x, delta, samples)
+            a_part, delta_part = unfolded_rows(m, x, delta, samples, backend)
             cols.append(a_part)
             deltas.append(delta_part)
         a = cols[0] if len(cols) == 1 else torch.cat(cols, 1)
@@ -177,7 +177,7 @@ def _unfolded_conv_terms(m, pairs, grad: Tensor | None, batch_size: int, ghost: 
     return torch.cat(sq), torch.cat(dot)
 
 
-def unfolded_rows(m, x: Tensor, delta: Tensor, samples: slice) -> tuple[Tensor, Tensor]:
+def unfolded_rows(m, x: Tensor, delta: Tensor, samples: slice, backend: str = "auto") -> tuple[Tensor, Tensor]:
     """A convolution as a Linear over positions, for the samples in ``samples``.
 
     ``x`` is the explicitly padded input and ``delta`` the output gradient. Returns one row per
@@ -188,11 +188,13 @@ def unfolded_rows(m, x: Tensor, delta: Tensor, samples: slice) -> tuple[Tensor, 
     d_in, d_out = m.weight[0].numel(), m.out_channels // groups
     x = x[samples]
     two_d = x.dim() == 4
-    unfolded = F.unfold(
+    unfolded = ops.unfold(
         x if two_d else x.unsqueeze(2),
         m.kernel_size if two_d else (1, m.kernel_size[0]),
-        dilation=m.dilation if two_d else (1, m.dilation[0]),
-        stride=m.stride if two_d else (1, m.stride[0]),
+        m.stride if two_d else (1, m.stride[0]),
+        m.dilation if two_d else (1, m.dilation[0]),
+        # The unfold has a cpp kernel only; "torch" keeps every step in PyTorch.
+        backend=backends.TORCH if backends.requested(backend) == backends.TORCH else backends.AUTO,
     )
     b = unfolded.shape[0]
     a = unfolded.view(b * groups, d_in, -1).transpose(1, 2)

@@ -264,6 +264,32 @@ def conv_sample_score(
     return tuple(torch.ops.fastdal.conv_sample_score(*args))
 
 
+def unfold(
+    x: Tensor,
+    kernel_size: tuple[int, int],
+    stride: tuple[int, int],
+    dilation: tuple[int, int],
+    *,
+    backend: str = "auto",
+) -> Tensor:
+    """``torch.nn.functional.unfold(x, kernel_size, dilation=dilation, stride=stride)`` of a 4-D ``x``, no padding.
+
+    The cpp backend copies each sample in one parallel loop over torch's threads; ATen's im2col, which the torch
+    backend calls, slowed down 20x when another process competed for a core (fastdal/passes' convolutions call
+    this once per layer and batch). Returns (N, C kh kw, positions) in ``x``'s dtype.
+    """
+    if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
+        raise ValueError(f"x must be a floating-point (N, C, H, W) tensor, got {_shape(x)}")
+    name = backends.choose("unfold", backend, [x])
+    if name in (backends.CUDA, backends.TRITON):
+        if backends.requested(backend) == name:
+            raise ValueError(f"backend {name!r} has no unfold: use torch")
+        name = backends.TORCH
+    if name == backends.TORCH:
+        return torch.nn.functional.unfold(x, kernel_size, dilation=dilation, stride=stride)
+    return torch.ops.fastdal.unfold(x, list(kernel_size), list(stride), list(dilation))
+
+
 def kron_project(a: Tensor, delta: Tensor, p_in: Tensor, p_out: Tensor, *, backend: str = "auto") -> Tensor:
     """Per-row random projection ``P_out g P_in^T`` of a weight gradient ``g = delta^T a``, never forming ``g``.
 

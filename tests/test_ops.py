@@ -349,6 +349,34 @@ def test_conv_sample_score_checks_its_inputs():
 
 
 # --------------------------------------------------------------------------------------------------
+# unfold
+# --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["f32", "f64"])
+@pytest.mark.parametrize(
+    "shape, kernel, stride, dilation",
+    [
+        ((3, 4, 9, 9), (3, 3), (1, 1), (1, 1)),
+        ((2, 5, 11, 10), (3, 2), (2, 3), (2, 1)),
+        ((4, 3, 1, 23), (1, 5), (1, 3), (1, 2)),  # a Conv1d's input with a height of one
+        ((0, 3, 5, 5), (3, 3), (1, 1), (1, 1)),
+    ],
+)
+@pytest.mark.parametrize("backend", [pytest.param(n, id=n) for n in cpu_backends(("torch", "cpp"))])
+def test_unfold_is_torch_unfold(backend, shape, kernel, stride, dilation, dtype):
+    x = torch.randn(*shape, dtype=dtype)[:, :, :, :]
+    expected = torch.nn.functional.unfold(x, kernel, dilation=dilation, stride=stride)
+    for source in (x, x.transpose(2, 3).contiguous().transpose(2, 3)):  # another memory layout, same values
+        assert torch.equal(ops.unfold(source, kernel, stride, dilation, backend=backend), expected)
+
+
+def test_unfold_checks_its_inputs():
+    with pytest.raises(ValueError, match="x must be a floating-point"):
+        ops.unfold(torch.randn(3, 4, 5), (3, 3), (1, 1), (1, 1))
+
+
+# --------------------------------------------------------------------------------------------------
 # kron_project
 # --------------------------------------------------------------------------------------------------
 
