@@ -86,25 +86,30 @@ def linear_terms(target, calls, grads, batch_size, dtype, backend="auto"):
         (a.reshape(batch_size, -1, m.in_features), d.reshape(batch_size, -1, m.out_features))
         for a, d in _inputs_and_deltas(target, calls, batch_size, dtype)
     ]
-    sq = torch.zeros(batch_size, dtype=dtype, device=m.weight.device)
-    dot = torch.zeros_like(sq)
-    if not pairs:
-        return sq, dot
-    if "weight" in target.params:
+    terms = []
+    if "weight" in target.params and pairs:
         # Several calls of one module add their positions: g = sum over all (t, call).
         a = pairs[0][0] if len(pairs) == 1 else torch.cat([a for a, _ in pairs], 1)
         delta = pairs[0][1] if len(pairs) == 1 else torch.cat([d for _, d in pairs], 1)
         w_grad = grads.get("weight")
-        s, d = ops.linear_sample_score(
-            a,
-            delta,
-            None if w_grad is None else w_grad[None],
-            ghost=use_ghost_norm(*a.shape[1:], delta.shape[2]),
-            backend=backend,
+        terms.append(
+            ops.linear_sample_score(
+                a,
+                delta,
+                None if w_grad is None else w_grad[None],
+                ghost=use_ghost_norm(*a.shape[1:], delta.shape[2]),
+                backend=backend,
+            )
         )
-        sq, dot = sq + s, dot + d
-    if "bias" in target.params:
-        s, d = _bias_terms([dd.sum(1) for _, dd in pairs], grads.get("bias"))
+    if "bias" in target.params and pairs:
+        # One position (a plain (B, features) Linear): the sum over positions is a view, not a pass over delta.
+        terms.append(_bias_terms([dd[:, 0] if dd.shape[1] == 1 else dd.sum(1) for _, dd in pairs], grads.get("bias")))
+    if not terms:
+        sq = torch.zeros(batch_size, dtype=dtype, device=m.weight.device)
+        return sq, torch.zeros_like(sq)
+    # Few small ops per module: under a competing process each parallel region waits for its slowest thread.
+    sq, dot = terms[0]
+    for s, d in terms[1:]:
         sq, dot = sq + s, dot + d
     return sq, dot
 
