@@ -27,12 +27,12 @@ from .columns import Columns
 from .coverage import Layers, covered_parameters
 from .features import GradFeatures
 from .grads import LabeledGrad, as_grad_dict
+from .head import find_head
 from .ops import last_layer_labeled_grad
 from .passes import (
     BackwardPass,
     LastLayerPass,
     check_batchnorm_statistics,
-    find_head,
     head_input_and_logits,
     labeled_batch_grads,
 )
@@ -311,10 +311,11 @@ def _closed_form_labeled(
 
 def _check_embeddings(model: nn.Module, names: list[str]) -> None:
     for module_name, m in model.named_modules():
-        if isinstance(m, nn.Embedding) and m.scale_grad_by_freq and f"{module_name}.weight".lstrip(".") in names:
+        tables = (nn.Embedding, nn.EmbeddingBag)
+        if isinstance(m, tables) and m.scale_grad_by_freq and f"{module_name}.weight".lstrip(".") in names:
             raise ValueError(
-                f"Embedding {module_name!r} has scale_grad_by_freq=True: its batched gradient is scaled by counts "
-                "over the whole batch, so it is not the sum of per-sample gradients"
+                f"{type(m).__name__} {module_name!r} has scale_grad_by_freq=True: its batched gradient is scaled by "
+                "counts over the whole batch, so it is not the sum of per-sample gradients"
             )
 
 

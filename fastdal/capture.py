@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import sys
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 from torch.autograd.graph import GradientEdge, get_gradient_edge
-from torch.utils._pytree import tree_flatten
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
 # Module types whose per-sample gradient terms fastdal computes in closed form (fastdal/layers.py).
 # A subclass that overrides ``forward`` computes something else, so it falls to the generic path.
@@ -32,6 +33,10 @@ _KINDS: tuple[tuple[type[nn.Module], str, Any], ...] = (
     (nn.RMSNorm, "rmsnorm", nn.RMSNorm.forward),
     (nn.Embedding, "embedding", nn.Embedding.forward),
     (nn.MultiheadAttention, "mha", nn.MultiheadAttention.forward),
+    (nn.LSTM, "recurrent", nn.LSTM.forward),
+    (nn.GRU, "recurrent", nn.GRU.forward),
+    (nn.RNN, "recurrent", nn.RNN.forward),
+    (nn.EmbeddingBag, "bag", nn.EmbeddingBag.forward),
 )
 
 # Parameters of a child module that a closed-form kind reads itself (fastdal/attention.py): the stock
@@ -39,9 +44,20 @@ _KINDS: tuple[tuple[type[nn.Module], str, Any], ...] = (
 _CHILD_PARAMS: dict[str, tuple[str, ...]] = {"mha": ("out_proj.weight", "out_proj.bias")}
 
 
-def _reads_itself(kind: str, local: str) -> bool:
+# The parameters each closed form knows by their local names; any other parameter of such a module (say the
+# ``weight_g``/``weight_v`` of the old hook-based weight norm, which the module never reads as such) is not its own.
+_OWN_PARAMS: dict[str, tuple[str, ...]] = {
+    "mha": ("in_proj_weight", "in_proj_bias", "q_proj_weight", "k_proj_weight", "v_proj_weight", "bias_k", "bias_v"),
+}
+
+
+def _reads_itself(kind: str, module: nn.Module, local: str) -> bool:
     """Whether a module of ``kind`` computes the terms of the parameter at path ``local`` inside it."""
-    return "." not in local or local in _CHILD_PARAMS.get(kind, ())
+    if local in _CHILD_PARAMS.get(kind, ()):
+        return True
+    if kind == "recurrent":
+        return local in module._flat_weights_names
+    return local in _OWN_PARAMS.get(kind, ("weight", "bias"))
 
 
 def module_kind(module: nn.Module) -> str:
@@ -62,15 +78,16 @@ def preserved_model_state(model: nn.Module, needs_grad: Iterable[nn.Parameter] =
     """Run the body with ``model`` in eval mode and ``needs_grad`` requiring grad; restore both after.
 
     Each module's own ``training`` flag is saved and written back (``model.train(flag)`` would
-    overwrite the flags of submodules a user froze in eval mode on purpose). ``nn.Embedding`` with
-    ``max_norm`` rescales rows of its weight in place on every forward; those weights are put back too.
+    overwrite the flags of submodules a user froze in eval mode on purpose). ``nn.Embedding`` and
+    ``nn.EmbeddingBag`` with ``max_norm`` rescale rows of their weight in place on every forward; those weights
+    are put back too.
     """
     training = [(m, m.training) for m in model.modules()]
     flags = [(p, p.requires_grad) for p in model.parameters()]
     renormed = [
         (m.weight, m.weight.detach().clone())
         for m in model.modules()
-        if isinstance(m, nn.Embedding) and m.max_norm is not None
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.max_norm is not None
     ]
     try:
         model.eval()
@@ -132,6 +149,15 @@ def _checked_device(device: torch.device | str) -> torch.device:
     if target.type == "cuda" and not torch.cuda.is_available():
         raise ValueError(f"device={device!r}, but CUDA is not available on this machine")
     return target
+
+
+def unwrapped(model: nn.Module) -> nn.Module:
+    """The module a ``torch.compile``d model wraps (``_orig_mod``): fastdal's hooks and operation capture read
+    the eager model, whose function the compiled one computes, under the same parameter names."""
+    dynamo = sys.modules.get("torch._dynamo.eval_frame")
+    if dynamo is not None and isinstance(model, dynamo.OptimizedModule):
+        return model._orig_mod
+    return model
 
 
 def model_device(model: nn.Module) -> torch.device:
@@ -206,22 +232,34 @@ class Call:
                 self.edges[i], self.views[i] = own, None
 
 
+# The kind of a target whose parameters are read at the operations that use them (fastdal/uses.py).
+USES = "uses"
+
+
 class Plan:
     """The set of targets covering a set of named parameters, refined as the model is observed.
 
-    Parameters are first given to the module that holds them, or to its parent where the parent's closed
-    form reads them itself (``_CHILD_PARAMS``: the stock ``nn.MultiheadAttention`` and its ``out_proj``). A
-    module that is never called (its parent uses its weights directly), or whose input has no sample
-    dimension (a positional embedding looked up once and broadcast), hands its parameters up to its parent,
-    which is then treated generically (unless, again, its closed form reads them); a parameter shared by several
-    modules goes to their closest common ancestor. Parameters that do not reach the output at all
-    have a zero gradient and are dropped.
+    Each parameter is read by the first of three routes that works for it:
+
+    1. the closed form of the module that holds it, when its stock forward reads it (or of its parent, where the
+       parent's closed form reads it: ``_CHILD_PARAMS``, the stock ``nn.MultiheadAttention`` and its
+       ``out_proj``), and every call of the module holds the samples where that form reads them;
+    2. the operations that use it (kind ``"uses"``, fastdal/uses.py): a bare ``nn.Parameter``, a parameter of a
+       module without a closed form, of a module called on tensors without samples (a position table looked up
+       with shared ids) or never called (its parent reads its weights), or held by several modules;
+    3. the generic vmap path of the module that holds it, handed up to its ancestors while a module's calls
+       cannot be read per sample: where (2) cannot follow it (an operation without a closed form, a forward
+       whose operations the probes could not line up).
+
+    Parameters that do not reach the output at all have a zero gradient and are dropped.
     """
 
     def __init__(self, model: nn.Module, names: Iterable[str]):
         self.model = model
         self.modules = dict(model.named_modules())
-        self.targets: dict[str, Target] = {}
+        self.targets: dict[tuple[str, str], Target] = {}
+        self.home: dict[str, tuple[str, str]] = {}  # parameter -> (holding module, path in it): route 3 starts there
+        self.not_by_use: set[str] = set()  # parameters route 2 could not follow
         params = dict(model.named_parameters())
         holders: dict[int, list[str]] = {}
         for module_name, module in self.modules.items():
@@ -237,32 +275,82 @@ class Plan:
                     parent, leaf = _split(owner)
                     if _join(leaf, local) in _CHILD_PARAMS.get(module_kind(self.modules[parent]), ()):
                         owner, local = parent, _join(leaf, local)
+                self.home[name] = (owner, local)
+                self._give(owner, local, name)
             else:
+                # Held by several modules (tied weights): no one module's calls see every use.
                 owner = _common_prefix([_split(p)[0] for p in paths])
-                local = _relative(paths[0], owner)
-            self._give(owner, local, name)
+                self.home[name] = (owner, _relative(paths[0], owner))
+                self._use(owner, name)
 
     def _give(self, module_name: str, local: str, full_name: str) -> None:
-        target = self.targets.get(module_name)
+        """Route 1 where the module's closed form reads the parameter, else route 2 (route 3 once 2 failed)."""
+        module = self.modules[module_name]
+        kind = module_kind(module)
+        if full_name not in self.not_by_use and (kind == "generic" or not _reads_itself(kind, module, local)):
+            self._use(module_name, full_name)
+        else:
+            self._give_module(module_name, local, full_name)
+
+    def _give_module(self, module_name: str, local: str, full_name: str) -> None:
+        """To the module's own target: its closed form if it reads the parameter, else the generic path."""
+        target = self.targets.get((module_name, "module"))
         if target is None:
             module = self.modules[module_name]
             kind = module_kind(module)
-            if not _reads_itself(kind, local):
+            if not _reads_itself(kind, module, local):
                 kind = "generic"  # a closed-form module only knows its own weight and bias
-            target = self.targets[module_name] = Target(module_name, module, kind)
-        elif not _reads_itself(target.kind, local):
+            target = self.targets[(module_name, "module")] = Target(module_name, module, kind)
+        elif not _reads_itself(target.kind, target.module, local):
             target.kind = "generic"
         target.params[local] = full_name
 
+    def _use(self, module_name: str, full_name: str) -> None:
+        """Route 2, in a target named after the module holding the parameter. Its ``module`` is the whole model and
+        its parameters go by their names in the model (one use may read parameters of several modules)."""
+        key = (module_name, USES)
+        if key not in self.targets:
+            self.targets[key] = Target(module_name, self.model, USES)
+        self.targets[key].params[full_name] = full_name
+
+    @staticmethod
+    def _key(target: Target) -> tuple[str, str]:
+        return (target.name, USES if target.kind == USES else "module")
+
     def hand_up(self, target: Target) -> None:
-        """Give ``target``'s parameters to its parent module, which handles them generically unless its
-        closed form reads them itself (``_CHILD_PARAMS``)."""
-        del self.targets[target.name]
-        parent, leaf = _split(target.name) if target.name else ("", "")
-        if not target.name:
-            raise RuntimeError("fastdal: the model's own call could not be read per sample")
+        """A module target whose calls cannot be read per sample, that is never called, or whose parameters are
+        used outside its calls: a closed form's parameters go to route 2 (or to the parent's closed form that
+        reads them), a generic target's to its parent module."""
+        del self.targets[self._key(target)]
+        parent, leaf = _split(target.name)
         for local, full_name in target.params.items():
-            self._give(parent, _join(leaf, local), full_name)
+            if target.name and _join(leaf, local) in _CHILD_PARAMS.get(module_kind(self.modules[parent]), ()):
+                self._give_module(parent, _join(leaf, local), full_name)
+            elif target.kind != "generic" and full_name not in self.not_by_use:
+                self._use(target.name, full_name)
+            elif not target.name:
+                raise RuntimeError("fastdal: the model's own call could not be read per sample")
+            else:
+                self._give_module(parent, _join(leaf, local), full_name)
+
+    def abandon(self, target: Target) -> None:
+        """Route 2 could not follow ``target``'s parameters: route 3, from the module holding each."""
+        del self.targets[self._key(target)]
+        for full_name in target.params:
+            self.not_by_use.add(full_name)
+            module_name, local = self.home[full_name]
+            self._give_module(module_name, local, full_name)
+
+    def merge(self, targets: list[Target]) -> None:
+        """One "uses" target for parameters that a use reads together (``weight_norm``'s ``g`` and ``v``)."""
+        first = targets[0]
+        for other in targets[1:]:
+            del self.targets[self._key(other)]
+            first.params.update(other.params)
+
+    def by_use(self) -> dict[str, Target]:
+        """Parameter name -> the "uses" target covering it."""
+        return {full: t for t in self.targets.values() if t.kind == USES for full in t.params}
 
     def describe(self) -> str:
         return ", ".join(f"{t.name or '<model>'} ({t.kind})" for t in self.targets.values())
@@ -330,20 +418,36 @@ class Recorder:
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
             if not self.recording:
                 return None
-            inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
-            tensors = [t for t in tree_flatten(output)[0] if isinstance(t, torch.Tensor)]
-            edges, views = [], []
-            for t in tensors:
-                source, view = _produced_value(t, inputs)
-                edges.append(get_gradient_edge(source) if source.grad_fn is not None else None)
-                views.append(view)
-            own = [get_gradient_edge(t) if t.grad_fn is not None else None for t in tensors]
-            versions = [t._version for t in tensors]
-            self.calls[target].append(Call(args, kwargs, inputs, tensors, versions, edges, views, own_edges=own))
-            self.order.append(target)
-            return None
+            # fastdal's own bookkeeping is not part of the model: operation-level capture must not see it.
+            with torch._C.DisableTorchFunction():
+                return self._record(target, args, kwargs, output)
 
         return hook
+
+    def _record(self, target: Target, args: tuple, kwargs: dict, output: Any) -> Any:
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)]
+        leaves, spec = tree_flatten(output)
+        tensors = [t for t in leaves if isinstance(t, torch.Tensor)]
+        replaced = None
+        if target.kind == "generic":
+            inner = used_inside(tensors, inputs)
+            if inner:
+                # The gradient at such an output's own edge also holds what flows back through the call's own use
+                # of it, which the generic path differentiates again: hand the model a copy, whose edge carries
+                # only the uses outside the call.
+                tensors = [t.clone() if i in inner else t for i, t in enumerate(tensors)]
+                swap = iter(tensors)
+                replaced = tree_unflatten([next(swap) if isinstance(x, torch.Tensor) else x for x in leaves], spec)
+        edges, views = [], []
+        for t in tensors:
+            source, view = _produced_value(t, inputs)
+            edges.append(get_gradient_edge(source) if source.grad_fn is not None else None)
+            views.append(view)
+        own = [get_gradient_edge(t) if t.grad_fn is not None else None for t in tensors]
+        versions = [t._version for t in tensors]
+        self.calls[target].append(Call(args, kwargs, inputs, tensors, versions, edges, views, own_edges=own))
+        self.order.append(target)
+        return replaced
 
     @contextlib.contextmanager
     def record(self) -> Iterator[dict[Target, list[Call]]]:
@@ -358,6 +462,30 @@ class Recorder:
         for calls in self.calls.values():
             for call in calls:
                 call.settle()
+
+
+def used_inside(outputs: list[torch.Tensor], inputs: list[torch.Tensor]) -> set[int]:
+    """Positions of the ``outputs`` of one call that the call itself used to make its other outputs: the graph
+    below each output, down to the call's inputs, is searched for the others' nodes."""
+    nodes = {id(t.grad_fn): i for i, t in enumerate(outputs) if t.grad_fn is not None}
+    if len(nodes) < 2:
+        return set()
+    stops = {id(t.grad_fn) for t in inputs if t.grad_fn is not None}
+    used: set[int] = set()
+    for i, t in enumerate(outputs):
+        if t.grad_fn is None:
+            continue
+        seen: set[int] = set()
+        stack = [child for child, _ in t.grad_fn.next_functions]
+        while stack:
+            node = stack.pop()
+            if node is None or id(node) in seen or id(node) in stops:
+                continue
+            seen.add(id(node))
+            if nodes.get(id(node), i) != i:
+                used.add(nodes[id(node)])
+            stack.extend(child for child, _ in node.next_functions)
+    return used
 
 
 def reachable_parameters(root: torch.Tensor) -> set[int]:
@@ -390,6 +518,73 @@ def _produced_value(t: torch.Tensor, inputs: list[torch.Tensor]) -> tuple[torch.
     if any(base is x or base is x._base for x in inputs):
         return t, None
     return base, (t.size(), t.stride(), t.storage_offset() - base.storage_offset())
+
+
+def used_elsewhere(logits: torch.Tensor, calls: dict[Target, list[Call]], covered: dict[int, Target]) -> list[Target]:
+    """The targets with a parameter that the logits reach by a path around the target's recorded calls.
+
+    ``covered`` maps ``id(parameter)`` to the target covering it. A parameter is accounted for when every path
+    from the logits down to it passes through an output of its target's recorded calls, or, for a use of a
+    derived tensor (fastdal/uses.py), reaches it from inside that operation (``F.linear`` on 3-D inputs and
+    attention are several graph nodes) through the derived operand. One pass over the graph, children before
+    parents, gives each node the targets whose parameters it reaches that way *around* their calls: the
+    targets left at the logits are the ones to change.
+    """
+    outputs: dict[int, set[int]] = {}  # node -> targets this node is a recorded output of
+    blocked: dict[int, dict[int, set[int]]] = {}  # node -> child -> targets whose derived operand the child is
+    by_index = {id(t): t for t in calls}
+    for target, record in calls.items():
+        for call in record:
+            derived = getattr(call, "derived", None)
+            for edge in [*call.edges, *call.own_edges]:
+                if edge is None:
+                    continue
+                outputs.setdefault(id(edge.node), set()).add(id(target))
+                if derived is None:
+                    continue
+                operands = {i: get_gradient_edge(t).node for i, t in enumerate(call.inputs) if t.requires_grad}
+                inside = {id(n) for i, n in operands.items() if i in derived}
+                for node in _nodes_down_to(edge.node, {id(n) for n in operands.values()}):
+                    for child in inside:
+                        blocked.setdefault(id(node), {}).setdefault(child, set()).add(id(target))
+    around: dict[int, frozenset[int]] = {}
+    stack: list[tuple[Any, bool]] = [(logits.grad_fn, False)]
+    while stack:
+        node, children_done = stack.pop()
+        if node is None or (not children_done and id(node) in around):
+            continue
+        if not children_done:
+            around[id(node)] = frozenset()  # provisional while its children are visited (a DAG: never read)
+            stack.append((node, True))
+            stack.extend((child, False) for child, _ in node.next_functions if child is not None)
+            continue
+        found: set[int] = set()
+        variable = getattr(node, "variable", None)
+        if variable is not None and id(variable) in covered:
+            found.add(id(covered[id(variable)]))
+        skip = blocked.get(id(node), {})
+        for child, _ in node.next_functions:
+            if child is not None:
+                found.update(around[id(child)] - skip.get(id(child), set()))
+        around[id(node)] = frozenset(found - outputs.get(id(node), set()))
+    return [by_index[i] for i in around.get(id(logits.grad_fn), ())]
+
+
+def _nodes_down_to(root: Any, stops: set[int]) -> list[Any]:
+    """``root`` and the graph nodes below it down to (not including) the nodes in ``stops``: one operation's
+    own nodes, between its output and its inputs."""
+    found, seen, stack = [], set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in seen:
+            continue
+        seen.add(id(node))
+        found.append(node)
+        if node is not root and id(node) in stops:
+            found.pop()
+            continue
+        stack.extend(child for child, _ in node.next_functions)
+    return found
 
 
 def edges_feeding(root: torch.Tensor, stops: set[tuple[int, int]]) -> set[tuple[int, int]]:

@@ -19,10 +19,11 @@ def canonical_names(model: nn.Module) -> dict[int, str]:
     return {id(p): name for name, p in model.named_parameters()}
 
 
-def covered_parameters(model: nn.Module, layers: Layers, head: Callable[[], str]) -> tuple[list[str], Any]:
+def covered_parameters(model: nn.Module, layers: Layers, head: Callable[[], Any]) -> tuple[list[str], Any]:
     """Parameter names for a ``layers`` request, and the request as stored in the LabeledGrad.
 
-    ``head`` names the module that produces the logits; it is asked only for ``layers="last"``.
+    ``head()`` gives the last layer (fastdal/head.py, Head: the parameters of the linear operation the logits
+    are computed from); it is asked only for ``layers="last"``.
     """
     params = dict(model.named_parameters())
     names_of = canonical_names(model)
@@ -32,7 +33,7 @@ def covered_parameters(model: nn.Module, layers: Layers, head: Callable[[], str]
             raise ValueError("layers='all': the model has no trainable parameters (requires_grad=True)")
         return names, "all"
     if isinstance(layers, str) and layers == "last":
-        return [names_of[id(p)] for p in model.get_submodule(head()).parameters(recurse=False)], "last"
+        return list(head().params), "last"
     if isinstance(layers, str):
         layers = [layers]
     if not isinstance(layers, Sequence) or not layers or not all(isinstance(x, str) for x in layers):

@@ -36,6 +36,8 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, DistributedSampler
 
+from .capture import unwrapped
+
 T = TypeVar("T")
 
 Group = Any  # a torch.distributed ProcessGroup
@@ -195,9 +197,11 @@ def merge_top(candidates: Sequence[tuple[Tensor, Tensor]], b: int) -> Tensor:
 
 def scored_module(model: torch.nn.Module) -> torch.nn.Module:
     """The module whose gradients fastdal computes: a DistributedDataParallel's wrapped module (DDP keeps a
-    full copy of the parameters on each rank); wrappers that shard the parameters are refused."""
+    full copy of the parameters on each rank), a ``torch.compile``d model's original; wrappers that shard the
+    parameters are refused."""
+    model = unwrapped(model)
     if isinstance(model, torch.nn.parallel.DistributedDataParallel):
-        return model.module
+        return unwrapped(model.module)
     sharded = type(model).__name__ in ("FullyShardedDataParallel",) or hasattr(model, "_fsdp_wrapped_module")
     with contextlib.suppress(ImportError, AttributeError):
         from torch.distributed.fsdp import FSDPModule

@@ -29,12 +29,13 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from . import attention, backends, distributed, generic, layers, ops, precision
+from . import attention, backends, bags, distributed, generic, layers, ops, precision, recurrent, use_forms
 from .batches import batch_labels, check_loader, check_pool_count, split_batch, to_device, with_progress
-from .capture import Call, Target, model_on_device, preserved_model_state
+from .capture import USES, Call, Target, model_on_device, preserved_model_state
 from .coverage import covered_parameters
 from .grads import LabeledGrad
-from .passes import BackwardPass, check_batchnorm_statistics, find_head, logits_head
+from .head import find_head, logits_head
+from .passes import BackwardPass, check_batchnorm_statistics
 from .results import accumulation_dtype, as_real_number
 from .torch_ops import chunks
 
@@ -350,13 +351,13 @@ def _features_here(
                 head = logits_head(model, args, kwargs, outputs)
                 # find_head runs again only to raise its error when layers="last" finds no head.
                 named_head = (
-                    partial(str, head) if head is not None else partial(find_head, model, args, kwargs, outputs)
+                    partial(_given, head) if head is not None else partial(find_head, model, args, kwargs, outputs)
                 )
                 names, _ = covered_parameters(model, layers, named_head)
                 for n in names:
                     params[n].requires_grad_(True)
                 dtype = accumulation_dtype(params[n] for n in names)
-                builder = _Builder(model, names, head, rank, seed, dtype, backend)
+                builder = _Builder(model, names, None if head is None else head.module, rank, seed, dtype, backend)
             y = batch_labels(batch, labels) if labeled else None
             blocks, used = builder(batch, inputs, outputs, seen, y)
             parts.append(blocks)
@@ -368,6 +369,10 @@ def _features_here(
         raise ValueError("loader yielded no batches: features need at least one sample (on every rank)")
     blocks = [_concat([p[i] for p in parts]) for i in range(len(parts[0]))]
     return GradFeatures(blocks, torch.cat(label_parts), builder.names, rank if builder.projects else None, seed)
+
+
+def _given(value: Any) -> Any:
+    return value
 
 
 def _concat(blocks: list[Block]) -> Block:
@@ -550,6 +555,14 @@ def _flat_block(target: Target, record: list[Call], batch_size: int, rank: int, 
     return ProjectedBlock(list(matrices), torch.cat(values, 1), project)
 
 
+# Closed forms that give dense per-sample gradients for the flat, projected features.
+_PER_SAMPLE = {
+    USES: use_forms.per_sample_gradients,
+    "recurrent": recurrent.per_sample_gradients,
+    "bag": bags.per_sample_gradients,
+}
+
+
 def _per_sample(target: Target, record: list[Call], batch_size: int, dtype) -> dict[str, Tensor]:
     """Exact per-sample gradients ``{local: (B, *shape)}`` of parameters other than Linear/Conv weights (a
     MultiheadAttention's projections included: flattened and projected like any parameter without a Linear
@@ -571,6 +584,8 @@ def _per_sample(target: Target, record: list[Call], batch_size: int, dtype) -> d
         sums = {"bias": total} if total is not None else {}
     elif target.kind == "mha":  # from the recomputed projections' factors, without vmap
         sums = attention.per_sample_gradients(target, record, batch_size, dtype)
+    elif target.kind in _PER_SAMPLE:
+        sums = _PER_SAMPLE[target.kind](target, record, batch_size, dtype)
     else:
         sums = generic.per_sample_gradients(target, record, slice(0, batch_size), batch_size) or {}
     device = next(target.module.parameters()).device

@@ -4,7 +4,8 @@ For one recorded call of module ``m`` with inputs ``x`` and output gradient ``de
 sample ``i`` is ``d/dtheta <m(x_i; theta), delta_i>``: ``torch.func.grad`` of that scalar, mapped over
 samples with ``torch.func.vmap``. Samples are processed in chunks so that a chunk's per-sample
 gradients stay under :data:`fastdal.torch_ops.CHUNK_ELEMENTS`. If ``vmap`` cannot map the module (an
-operator without a batching rule), the same function runs one sample at a time.
+operator without a batching rule, data-dependent control flow), the module runs one sample at a time through
+plain autograd instead, with a warning naming it (never the ``torch.func`` transform that just failed).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ def readable(target: Target, call: Call, batch_size: int) -> bool:
 
 
 def _per_sample_gradients(
-    module: nn.Module, params: dict[str, Tensor], call: Call, samples: slice, batch_size: int
+    module: nn.Module, name: str, params: dict[str, Tensor], call: Call, samples: slice, batch_size: int
 ) -> dict[str, Tensor]:
     """Per-sample gradients ``{local name: (b, *shape)}`` of one call, for the samples in ``samples``."""
     leaves, spec = tree_flatten((call.args, call.kwargs))
@@ -62,18 +63,31 @@ def _per_sample_gradients(
         try:
             return vmap(grad(sample_loss), in_dims=in_dims)(params, xs, ds)
         except (RuntimeError, NotImplementedError, ValueError) as err:
-            name = type(module).__name__
-            warnings.warn(f"fastdal: vmap could not map {name} ({err}); looping over samples", stacklevel=4)
+            warnings.warn(
+                f"fastdal: torch.func.vmap could not map module {name or '<model>'!r} ({type(module).__name__}: "
+                f"{str(err).splitlines()[0][:200]}); its per-sample gradients come from a per-sample loop of the "
+                "module's own autograd (exact, slow)",
+                stacklevel=4,
+            )
+    return _looped(module, params, leaves, spec, batched, outs, samples)
+
+
+def _looped(module: nn.Module, params: dict[str, Tensor], leaves: list, spec, batched, outs, samples: slice):
+    """Per-sample gradients by running the module on one sample at a time with plain autograd."""
+    live = {local: module.get_parameter(local) for local in params}
     rows = []
     for k in range(samples.stop - samples.start):
-        rows.append(
-            grad(sample_loss)(
-                params,
-                [x.select(dim, k) for (_, dim, _), x in zip(batched, xs)],
-                [d.select(dim, k) for (_, dim, _), d in zip(outs, ds)],
-            )
-        )
-    return {name: torch.stack([r[name] for r in rows]) for name in params}
+        args = list(leaves)
+        for i, dim, chunk in batched:
+            args[i] = chunk.narrow(dim, k, 1)
+        call_args, call_kwargs = tree_unflatten(args, spec)
+        with torch.enable_grad():
+            out = module(*call_args, **call_kwargs)
+            flat_out = [t for t in tree_flatten(out)[0] if isinstance(t, Tensor)]
+            loss = sum((flat_out[j] * d.narrow(dim, k, 1)).sum() for j, dim, d in outs)
+            found = torch.autograd.grad(loss, list(live.values()), allow_unused=True)
+        rows.append({local: torch.zeros_like(live[local]) if g is None else g for local, g in zip(live, found)})
+    return {local: torch.stack([r[local] for r in rows]) for local in params}
 
 
 def per_sample_gradients(
@@ -86,7 +100,7 @@ def per_sample_gradients(
     total: dict[str, Tensor] | None = None
     with torch.no_grad():
         for call in calls:
-            g = _per_sample_gradients(module, params, call, samples, batch_size)
+            g = _per_sample_gradients(module, target.name, params, call, samples, batch_size)
             total = g if total is None else {k: total[k] + g[k] for k in total}
     return total
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -10,8 +10,11 @@ from torch import Tensor, nn
 from .batches import all_finite
 
 
-class LabeledGrad:
+class LabeledGrad(Mapping[str, Tensor]):
     """Sum over a labeled set of per-sample cross-entropy gradients at the true labels.
+
+    A read-only mapping of parameter names (the model's, as ``named_parameters()`` gives them) to tensors:
+    ``G["fc.weight"]``, ``G.keys()``, ``G.items()``, ``dict(G)``, ``len(G)``, ``"fc.weight" in G``.
 
     Attributes:
         grads: parameter name -> summed gradient, in the accumulation dtype (float64 for a float64
@@ -44,8 +47,15 @@ class LabeledGrad:
     def __getitem__(self, name: str) -> Tensor:
         return self.grads[name]
 
+    def __iter__(self) -> Iterator[str]:
+        return iter(self.grads)
+
     def __len__(self) -> int:
         return len(self.grads)
+
+    # A mapping of tensors has no truth value for ``==`` (tensors compare elementwise); identity is kept.
+    __eq__ = object.__eq__
+    __hash__ = object.__hash__
 
     def __repr__(self) -> str:
         total = sum(g.numel() for g in self.grads.values())
@@ -77,6 +87,7 @@ def as_grad_dict(labeled_grad: LabeledGrad | Mapping[str, Tensor], model: nn.Mod
     if not grads:
         raise ValueError("labeled_grad is empty: it must cover at least one parameter of the model")
     params = dict(model.named_parameters())
+    grads = {_model_name(name, params): g for name, g in grads.items()}
     for name, g in grads.items():
         if not isinstance(g, Tensor):
             raise TypeError(f"labeled_grad[{name!r}] must be a tensor, got {type(g).__name__}")
@@ -94,3 +105,15 @@ def as_grad_dict(labeled_grad: LabeledGrad | Mapping[str, Tensor], model: nn.Mod
         if not (g.is_floating_point() and all_finite(g)):
             raise ValueError(f"labeled_grad[{name!r}] must be a finite floating-point tensor")
     return grads
+
+
+# The prefixes a wrapper adds to its module's parameter names: torch.compile's and DistributedDataParallel's.
+_WRAPPER_PREFIXES = ("_orig_mod.", "module.")
+
+
+def _model_name(name: str, params: dict[str, Tensor]) -> str:
+    """``name`` as the scored module knows it: a key taken from a wrapper's ``named_parameters()`` (a compiled
+    or DDP model, which fastdal scores through the module inside) loses the wrapper's prefix."""
+    while name not in params and name.startswith(_WRAPPER_PREFIXES):
+        name = name.split(".", 1)[1]
+    return name

@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from . import attention, backends, ops
+from . import attention, backends, bags, ops, recurrent
 from .capture import Call, Target
 from .torch_ops import chunks, sq_and_dot, use_ghost_norm
 
@@ -29,7 +29,7 @@ def data_input(call: Call) -> Tensor:
 def feature_dims(target: Target) -> int | None:
     """Trailing feature dimensions of a closed-form module's input and output (None: the module itself
     takes dimension 0 as the batch, as convolutions and BatchNorm/GroupNorm do)."""
-    if target.kind in ("linear", "mha"):
+    if target.kind in ("linear", "mha", "recurrent", "bag"):
         return 1
     if target.kind in ("layernorm", "rmsnorm"):
         return len(target.module.normalized_shape)
@@ -43,6 +43,10 @@ def readable(target: Target, call: Call, batch_size: int) -> bool:
     samples in the same dimension, and that dimension is one the module maps position by position."""
     if target.kind == "mha":
         return attention.readable(target, call, batch_size)
+    if target.kind == "recurrent":
+        return recurrent.readable(target, call, batch_size)
+    if target.kind == "bag":
+        return bags.readable(target, call, batch_size)
     if len(call.outputs) != 1 or not call.inputs:
         return False
     a, dim, out_dim = call.inputs[0], call.in_dims[0], call.out_dims[0]
@@ -341,4 +345,6 @@ CLOSED_FORM = {
     "groupnorm": norm_terms,
     "embedding": embedding_terms,
     "mha": attention.mha_terms,
+    "recurrent": recurrent.recurrent_terms,
+    "bag": bags.bag_terms,
 }

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils._pytree import tree_flatten
 
-from .batches import batch_length, read_logits, split_batch, take_samples
+from .batches import batch_length, read_logits, split_batch, take_samples, tensors_in
 from .capture import Call, Target
 
 
@@ -76,12 +76,29 @@ class SampleLayout:
             returned one logits row per sample); only then are batches micro-batched or probed.
     """
 
-    def __init__(self, model: nn.Module, batch: Any, inputs: Callable | None, outputs: Callable | None):
+    def __init__(
+        self,
+        model: nn.Module,
+        batch: Any,
+        inputs: Callable | None,
+        outputs: Callable | None,
+        also: Callable[[], contextlib.AbstractContextManager] | None = None,
+    ):
         self.model, self.inputs, self.outputs = model, inputs, outputs
         self.reason = ""
         self.calls: dict[tuple[str, int], CallLayout] = {}
         self._reprobed: Any = None
+        # ``also()`` gives a context that runs around each probe's forward (fastdal/uses.py follows parameters
+        # operation by operation in it); ``also_seen`` holds what each entered, for the two probe sizes.
+        self.also = also
+        self.also_seen: list[Any] = []
+        self.generation = 0  # counts the probes: a caller's conclusions from ``also_seen`` are of one generation
         self.splittable = self._probe(batch)
+
+    def reprobe(self, batch: Any) -> None:
+        """Probe again on ``batch`` (it takes a path through the model's operations the probes did not see)."""
+        if self.splittable:
+            self._probe(batch)
 
     def annotate(
         self,
@@ -128,6 +145,7 @@ class SampleLayout:
                     [dims_from_sizes(t, batch_size, trailing, target.name, self.reason) for t in tensors]
                     for tensors in (call.inputs, call.outputs)
                 )
+                _check_samples_found(target, call, self.reason)
 
     def _probe(self, batch: Any) -> bool:
         """Run the probes on ``batch``; adds what they show to ``calls``. False if the batch cannot be cut."""
@@ -137,10 +155,25 @@ class SampleLayout:
             self.reason = "its batches hold no tensor to cut into samples"
             return False
         shapes = []
+        seen = []
+        self.generation += 1
         for size in PROBE_SIZES:
             rows = torch.arange(size) % length
             piece = take_samples(batch, rows, length)
-            recorded, logits_rows = _record_shapes(self.model, piece, inputs, outputs)
+            try:
+                with self.also() if self.also is not None else contextlib.nullcontext() as extra:
+                    recorded, logits_rows = _record_shapes(self.model, piece, inputs, outputs)
+            except Exception as err:
+                if all(t.dim() >= 1 and t.shape[0] == length for t in tensors_in(batch)):
+                    raise  # every tensor was cut alike: the model's own error, not the cut's
+                # Some tensors were kept whole (offsets into a flat tensor of every sample's tokens): the model
+                # cannot run on the cut batch, whose samples do not lie along dimension 0 alone.
+                self.reason = (
+                    f"cut along dimension 0 to {size} samples, a batch made the model raise {type(err).__name__}: "
+                    f"{str(err).splitlines()[0][:200] if str(err) else ''}"
+                )
+                return False
+            seen.append(extra)
             if logits_rows != size:
                 self.reason = (
                     f"cut along dimension 0 to {size} samples, a batch gave {logits_rows} logits rows, so its "
@@ -148,6 +181,7 @@ class SampleLayout:
                 )
                 return False
             shapes.append(recorded)
+        self.also_seen = seen
         small, large = shapes
         for key, (in_small, out_small) in small.items():
             if key not in large:
@@ -160,8 +194,8 @@ class SampleLayout:
             self.calls[key] = CallLayout(
                 tuple(in_small),
                 tuple(out_small),
-                tuple(_scaling_dim(a, b) for a, b in zip(in_small, in_large)),
-                tuple(_scaling_dim(a, b) for a, b in zip(out_small, out_large)),
+                tuple(scaling_dim(a, b) for a, b in zip(in_small, in_large)),
+                tuple(scaling_dim(a, b) for a, b in zip(out_small, out_large)),
             )
         return True
 
@@ -191,7 +225,7 @@ def _fits(t: Tensor, probe_shape: Shape, dim: SampleDim, batch_size: int) -> boo
     return t.shape[dim] == batch_size if isinstance(dim, int) else True
 
 
-def _scaling_dim(small: Shape, large: Shape) -> SampleDim:
+def scaling_dim(small: Shape, large: Shape) -> SampleDim:
     """The sample dimension from the shapes of one tensor at the two probe sizes."""
     grows = [d for d, (a, b) in enumerate(zip(small, large)) if (a, b) == PROBE_SIZES]
     changed = [d for d, (a, b) in enumerate(zip(small, large)) if a != b]
@@ -212,10 +246,11 @@ def _record_shapes(model: nn.Module, batch: Any, inputs: Callable | None, output
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
             index = counts.get(name, 0)
             counts[name] = index + 1
-            recorded[(name, index)] = (
-                [tuple(t.shape) for t in tensor_inputs(args, kwargs)],
-                [tuple(t.shape) for t in tensor_outputs(output)],
-            )
+            with torch._C.DisableTorchFunction():  # bookkeeping, not the model's: hidden from fastdal/uses.py
+                recorded[(name, index)] = (
+                    [tuple(t.shape) for t in tensor_inputs(args, kwargs)],
+                    [tuple(t.shape) for t in tensor_outputs(output)],
+                )
 
         return hook
 
@@ -235,6 +270,27 @@ def _hooks_on_every_module(model: nn.Module, hook_for: Callable[[str], Callable]
     finally:
         for handle in handles:
             handle.remove()
+
+
+# Closed forms that find a call's samples without a sample dimension in its inputs: nn.EmbeddingBag's bags are
+# given by its offsets (a flat tensor of every sample's tokens has none).
+_FINDS_ITS_SAMPLES = ("bag",)
+
+
+def _check_samples_found(target: Target, call: Call, reason: str) -> None:
+    """By sizes, a call whose output holds samples while none of its tensor inputs does would be read as if its
+    inputs were shared by all samples, when they may hold every sample's values side by side (one flat tensor of
+    all tokens): refused."""
+    if target.kind in _FINDS_ITS_SAMPLES or not call.inputs:
+        return
+    if any(isinstance(d, int) for d in call.out_dims) and not any(isinstance(d, int) for d in call.in_dims):
+        raise LayoutError(
+            f"module {target.name or '<model>'!r} ({type(target.module).__name__}) returns a tensor that holds the "
+            "samples, but none of its inputs has a dimension of the batch size: fastdal cannot tell which of their "
+            f"values belong to which sample, and it could not find out by running smaller batches ({reason}). Use a "
+            "loader whose batches hold the samples in dimension 0 (DataLoader's default collation), rearranging them "
+            "for the model with inputs=, or cover that module with a closed form (layers=[...] without it)"
+        )
 
 
 def dims_from_sizes(t: Tensor, batch_size: int, feature_dims: int | None, module_name: str, reason: str) -> SampleDim:

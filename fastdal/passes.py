@@ -8,6 +8,7 @@ outputs only, so no weight gradient is ever formed.
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from collections.abc import Callable
 from typing import Any, NamedTuple
@@ -15,22 +16,14 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import backends, generic, layers
+from . import backends, generic, layers, use_forms
 from .backward import backward_to_outputs
 from .batches import batch_length, check_finite, check_labels, read_logits, split_batch
-from .capture import (
-    Call,
-    Plan,
-    Recorder,
-    Target,
-    edges_feeding,
-    module_kind,
-    preserved_model_state,
-    reachable_parameters,
-)
+from .capture import USES, Call, Plan, Recorder, Target, reachable_parameters, used_elsewhere
 from .layout import SampleLayout
 from .ops import last_layer_score, last_layer_score_logits
 from .torch_ops import residual
+from .uses import UseMode, classify
 
 # The first batch may reveal that the plan needs changing (a module never called, or called on a
 # tensor without a sample dimension); each change hands parameters one level up and re-runs the batch.
@@ -54,14 +47,48 @@ def check_batchnorm_statistics(model: nn.Module) -> None:
             )
 
 
+class Recorded(NamedTuple):
+    """One recorded forward: every target's calls (a "uses" target's are its UseCalls), the logits, the groups
+    of "uses" targets one use reads together, and whether the forward left the operation plan."""
+
+    calls: dict[Target, list[Call]]
+    logits: Tensor
+    straddling: list[list[Target]]
+    diverged: bool
+
+
 def forward_recorded(
-    model: nn.Module, targets: list[Target], args: tuple, kwargs: dict, outputs: Callable | None, grad: bool
-) -> tuple[dict[Target, list[Call]], list[Target], Tensor]:
-    """Run the model once with the targets' calls recorded; returns (calls, call order, logits)."""
-    with Recorder(targets) as recorder, recorder.record() as calls, torch.set_grad_enabled(grad):
-        out = model(*args, **kwargs)
+    model: nn.Module,
+    targets: list[Target],
+    args: tuple,
+    kwargs: dict,
+    outputs: Callable | None,
+    grad: bool,
+    steps: list | None = None,
+) -> Recorded:
+    """Run the model once with the targets' calls recorded: module targets by hooks, "uses" targets by following
+    their parameters operation by operation along ``steps`` (fastdal/uses.py)."""
+    module_targets = [t for t in targets if t.kind != USES]
+    owners = {name: t for t in targets if t.kind == USES for name in t.params}
+    mode = None
+    if owners:
+        params = dict(model.named_parameters())
+        mode = UseMode({name: params[name] for name in owners}, steps)
+    with Recorder(module_targets) as recorder, recorder.record() as calls, torch.set_grad_enabled(grad):
+        with mode if mode is not None else contextlib.nullcontext():
+            out = model(*args, **kwargs)
         logits = read_logits(out, outputs)
-    return calls, list(recorder.order), logits
+    calls = dict(calls)
+    straddling: list[list[Target]] = []
+    if mode is not None:
+        calls.update({t: [] for t in owners.values()})
+        for use in mode.uses:
+            readers = list(dict.fromkeys(owners[name] for name in use.params()))
+            if len(readers) == 1:
+                calls[readers[0]].append(use)
+            else:
+                straddling.append(readers)
+    return Recorded(calls, logits, straddling, mode is not None and mode.diverged)
 
 
 CPU_BACKENDS = (backends.TORCH, backends.CPP)  # where the head's terms come from the forward's logits
@@ -110,7 +137,7 @@ def head_input_and_logits(
     A Linear maps rows to rows, so when its output is the ``(B, K)`` logits, row ``i`` of its 2-D input
     is sample ``i``'s: no probe of the layout is needed here.
     """
-    calls, _, logits = forward_recorded(model, [head], args, kwargs, outputs, grad=False)
+    calls, logits, _, _ = forward_recorded(model, [head], args, kwargs, outputs, grad=False)
     record = calls[head]
     if len(record) != 1 or record[0].outputs[0] is not logits or record[0].modified_in_place():
         return None
@@ -126,6 +153,10 @@ class BackwardPass:
         self.plan = Plan(model, grads)
         self.layout: SampleLayout | None = None
         self.warned: set[str] = set()
+        self.steps: list | None = None  # the operation plan (fastdal/uses.py) for the "uses" targets
+        self.planned: tuple[int, frozenset[str]] = (-1, frozenset())  # (probe generation, parameters) of steps
+        self.reprobed: Any = None  # the batch probed again because the forward left the operation plan
+        self.checked = False  # whether the plan has been checked for uses outside the recorded calls
 
     def __call__(self, batch: Any, inputs: Callable | None, outputs: Callable | None, first_index: int) -> BatchTerms:
         # Whole batches, as the loader collated them: cutting them into cache-sized pieces on the CPU was
@@ -133,11 +164,46 @@ class BackwardPass:
         # pass slow down 1.4-1.7x more than a training step when another process competed for the cores.
         return self._run(batch, inputs, outputs, first_index)
 
+    def _follow(self) -> UseMode:
+        """What the probes run around the forward: a UseMode following every covered parameter, so that the
+        operation plan of whichever of them end up read by operation comes from the same two probes."""
+        params = dict(self.model.named_parameters())
+        return UseMode({name: params[name] for name in self.grads})
+
     def _layout(self, batch: Any, inputs: Callable | None, outputs: Callable | None) -> SampleLayout:
         """The sample layout, probed on the first batch and kept for the rest of the pass."""
         if self.layout is None:
-            self.layout = SampleLayout(self.model, batch, inputs, outputs)
+            self.layout = SampleLayout(self.model, batch, inputs, outputs, also=self._follow)
+            self._shared_calls()
         return self.layout
+
+    def _shared_calls(self) -> None:
+        """A module whose every probed call holds no samples at all (a position table looked up with ids shared
+        by all samples) cannot be read per sample: its parameters take the operation route before the first
+        batch runs, instead of after it (when the batch would run again)."""
+        for target in [t for t in self.plan.targets.values() if t.kind not in ("generic", USES)]:
+            probed = [v for (name, _), v in self.layout.calls.items() if name == target.name]
+            if probed and all(d is None for call in probed for d in (*call.inputs, *call.outputs)):
+                self.plan.hand_up(target)
+
+    def _settle_uses(self, layout: SampleLayout) -> None:
+        """The operation plan for the current "uses" targets, from the probes. Where the probes cannot run
+        (batches that cannot be cut into samples) or took different paths through the operations, those
+        parameters go to the generic path."""
+        names = frozenset(self.plan.by_use())
+        if not names:
+            self.steps = None
+            return
+        if self.planned != (layout.generation, names):
+            seen = layout.also_seen
+            steps = None
+            if layout.splittable and len(seen) == 2:
+                steps = classify(seen[0].probed, seen[1].probed, names)
+            self.steps, self.planned = steps, (layout.generation, names)
+        if self.steps is None:
+            for target in [t for t in self.plan.targets.values() if t.kind == USES]:
+                self.plan.abandon(target)
+            self.checked = False
 
     def _run(self, batch: Any, inputs: Callable | None, outputs: Callable | None, first_index: int) -> BatchTerms:
         totals: list[Tensor] = []  # sq_norm and dot, made once the forward has told the batch size
@@ -150,7 +216,7 @@ class BackwardPass:
                 totals.extend(torch.zeros(batch_size, dtype=self.dtype, device=logits.device) for _ in range(2))
             if record:
                 local_grads = {local: self.grads[full] for local, full in target.params.items()}
-                terms = generic.generic_terms if target.kind == "generic" else layers.CLOSED_FORM[target.kind]
+                terms = _TERMS.get(target.kind) or layers.CLOSED_FORM[target.kind]
                 # The recorded inputs are part of the forward's graph: no result may keep it alive.
                 with torch.no_grad():
                     s, d = terms(target, record, local_grads, batch_size, self.dtype, backend=self.backend)
@@ -182,15 +248,23 @@ class BackwardPass:
         layout = self._layout(batch, inputs, outputs)
         args, kwargs = split_batch(batch, inputs)
         for _ in range(_MAX_REFINEMENTS):
+            self._settle_uses(layout)
             targets = list(self.plan.targets.values())
-            calls, _, logits = forward_recorded(self.model, targets, args, kwargs, outputs, grad=True)
+            recorded = forward_recorded(self.model, targets, args, kwargs, outputs, grad=True, steps=self.steps)
+            calls, logits = recorded.calls, recorded.logits
             _check_rows(layout, batch, logits, first_index)
-            layout.annotate(calls, batch, logits.shape[0], _feature_dims)
-            if not self._refine(calls, logits):
+            if recorded.diverged:
+                self._diverged(layout, batch)
+                continue
+            generation = layout.generation
+            layout.annotate({t: c for t, c in calls.items() if t.kind != USES}, batch, logits.shape[0], _feature_dims)
+            if layout.generation != generation and self.plan.by_use():
+                continue  # probed again: the operation plan comes from the new probes
+            if not self._refine(recorded):
                 break
         else:
             raise RuntimeError(f"fastdal: could not settle which modules to read ({self.plan.describe()})")
-        self._warn_generic()
+        self._warn_generic(calls)
         if labels is None:
             check_finite(logits, first_index, "pool")
             labels = logits.argmax(dim=1)
@@ -208,12 +282,32 @@ class BackwardPass:
         backward_to_outputs(calls, logits, residual(logits, labels, self.dtype), ready)
         return calls, logits, labels
 
-    def _refine(self, calls: dict[Target, list[Call]], logits: Tensor) -> bool:
+    def _diverged(self, layout: SampleLayout, batch: Any) -> None:
+        """The forward left the operation plan (another branch, other shapes): probe again on this batch, once;
+        if it leaves the new plan too, the "uses" parameters go to the generic path."""
+        if batch is not self.reprobed:
+            self.reprobed = batch
+            layout.reprobe(batch)
+            return
+        for target in [t for t in self.plan.targets.values() if t.kind == USES]:
+            self.plan.abandon(target)
+        self.checked = False
+
+    def _refine(self, recorded: Recorded) -> bool:
         """Adjust the plan to what this batch showed; True if the batch must run again."""
+        calls, logits = recorded.calls, recorded.logits
         batch_size = logits.shape[0]
-        changed = False
+        for group in recorded.straddling:
+            self.plan.merge(group)
+        changed = bool(recorded.straddling)
         reachable: set[int] | None = None
+        params = dict(self.model.named_parameters())
         for target, record in calls.items():
+            if target.kind == USES:
+                if record and not all(use_forms.readable(call, batch_size) for call in record):
+                    self.plan.abandon(target)
+                    changed = True
+                continue
             if not record:
                 # Never called, yet its parameters may still shape the output (a parent using the
                 # weights directly): then the parent must handle them.
@@ -227,9 +321,38 @@ class BackwardPass:
             if not all(is_readable(target, call, batch_size) for call in record):
                 self.plan.hand_up(target)
                 changed = True
+        if changed:
+            self.checked = False
+            return True
+        if not self.checked and logits.requires_grad:
+            # Every path from the logits to a covered parameter must pass through its target's recorded calls;
+            # one that does not (a module's weight also read by its parent, a use the operation capture did not
+            # see) would be missing from the terms.
+            covered = {
+                id(params[full]): target for target in calls for full in target.params.values() if full in params
+            }
+            for target in used_elsewhere(logits, calls, covered):
+                if target.kind == USES:
+                    self.plan.abandon(target)
+                else:
+                    self.plan.hand_up(target)
+                changed = True
+            self.checked = not changed
         return changed
 
-    def _warn_generic(self) -> None:
+    def _warn_generic(self, calls: dict[Target, list[Call]]) -> None:
+        for target, record in calls.items():
+            if target.kind != USES:
+                continue
+            for call in record:
+                name = getattr(call.func, "__name__", str(call.func))
+                if not call.op and (target.name, name) not in self.warned:
+                    self.warned.add((target.name, name))
+                    warnings.warn(
+                        f"fastdal: operation {name!r} reads {sorted(call.params())} with no closed form; its "
+                        "per-sample gradients come from torch.func.vmap of that operation (exact, slower)",
+                        stacklevel=4,
+                    )
         for target in self.plan.targets.values():
             if target.kind == "generic" and target.name not in self.warned:
                 self.warned.add(target.name)
@@ -239,6 +362,9 @@ class BackwardPass:
                     "(exact, slower)",
                     stacklevel=4,
                 )
+
+
+_TERMS = {"generic": generic.generic_terms, USES: use_forms.use_terms}
 
 
 def _feature_dims(target: Target) -> int | None:
@@ -255,48 +381,6 @@ def _check_rows(layout: SampleLayout, batch: Any, logits: Tensor, first_index: i
             f"the model returned {logits.shape[0]} logits rows for a batch of {length} samples (starting at index "
             f"{first_index}); fastdal needs one row per sample"
         )
-
-
-def logits_head(model: nn.Module, args: tuple, kwargs: dict, outputs: Callable | None) -> str | None:
-    """Name of the ``nn.Linear`` the logits are computed from, proven from their autograd graph.
-
-    One forward with grad (the Linear weights temporarily require it, so that the graph exists) records
-    every Linear call; the walk back from the logits stops at the first Linear outputs it meets. Exactly
-    one module there is the head; none gives None; several (an ensemble of heads, a skip connection
-    around the head) have no single last layer and raise.
-    """
-    linears = [Target(name, m, "linear") for name, m in model.named_modules() if module_kind(m) == "linear"]
-    if not linears:
-        return None
-    weights = [p for t in linears for p in t.module.parameters(recurse=False)]
-    with preserved_model_state(model, weights):
-        calls, _, logits = forward_recorded(model, linears, args, kwargs, outputs, grad=True)
-        owner = {
-            (id(call.edges[0].node), call.edges[0].output_nr): target
-            for target in linears
-            for call in calls[target]
-            if call.edges and call.edges[0] is not None
-        }
-        heads = sorted({owner[edge].name for edge in edges_feeding(logits, set(owner))})
-    if len(heads) > 1:
-        raise ValueError(
-            f"layers='last': the logits are computed from several nn.Linear modules ({', '.join(heads)}) with no "
-            "single last one; pass layers=[...] with the module names to cover"
-        )
-    return heads[0] if heads else None
-
-
-def find_head(model: nn.Module, args: tuple, kwargs: dict, outputs: Callable | None) -> str:
-    """Name of the model's final ``nn.Linear`` (:func:`logits_head`); a clear error when there is none."""
-    name = logits_head(model, args, kwargs, outputs)
-    if name is None:
-        has_linear = any(module_kind(m) == "linear" for m in model.modules())
-        raise ValueError(
-            "layers='last' needs a final nn.Linear whose output the logits are computed from, but "
-            f"{'no nn.Linear of the model reaches the logits' if has_linear else 'the model has no nn.Linear'}; "
-            "use layers='all' or a list of module names"
-        )
-    return name
 
 
 def labeled_batch_grads(

@@ -7,7 +7,11 @@ float64 copy of the model with floating-point inputs cast to float64; the model 
 
 Batches are cut into samples as the loader collated them (:func:`fastdal.batches.take_samples`: along
 dimension 0 of every tensor of the batch's leading size), and only then handed to ``inputs=``; a
-sample that does not give exactly one logits row is an error.
+sample that does not give exactly one logits row, or not its batch's own logits row, is an error. A batch on
+which the model gives one logits row is one sample as it is (a flat tensor of one text's tokens with its
+offsets). The reference is autograd on the model as it is: where a PyTorch backward is wrong, so is the
+reference (the CPU backward of ``nn.EmbeddingBag`` with ``scale_grad_by_freq`` in torch 2.13 divides some rows
+by another id's count, pytorch/pytorch#190063).
 """
 
 from __future__ import annotations
@@ -33,10 +37,10 @@ from .batches import (
     to_device,
     with_progress,
 )
-from .capture import model_on_device, preserved_model_state
+from .capture import model_on_device, preserved_model_state, unwrapped
 from .coverage import covered_parameters
 from .grads import LabeledGrad, as_grad_dict
-from .passes import find_head
+from .head import find_head
 from .results import ScoreResult, accumulation_dtype, check_gamma
 
 
@@ -50,13 +54,38 @@ def _cast_inputs(obj: Any, dtype: torch.dtype | None) -> Any:
     return map_tensors(lambda t: t.to(dtype) if t.is_floating_point() else t, obj)
 
 
-def _samples(batch: Any) -> Iterable[Any]:
-    """The samples of a collated batch, each as a batch of one."""
+def _samples(work: nn.Module, batch: Any, inputs, outputs) -> tuple[list[Any], Tensor | None]:
+    """The samples of a collated batch, each as a batch of one, and the batch's own logits to check them by.
+
+    A batch on which the model gives a single logits row is one sample as it is, whatever its tensors' leading
+    sizes (one text as a flat tensor of tokens with its offsets); any other is cut along dimension 0 of every
+    tensor of the batch's leading size."""
     length = batch_length(batch)
     if length is None:
         raise TypeError("the reference needs at least one tensor in each batch to cut it into samples")
-    for i in range(length):
-        yield take_samples(batch, slice(i, i + 1), length)
+    if length == 1:
+        return [batch], None
+    with torch.no_grad():
+        args, kwargs = split_batch(batch, inputs)
+        logits = read_logits(work(*args, **kwargs), outputs)
+    if logits.shape[0] == 1:
+        return [batch], None
+    return [take_samples(batch, slice(i, i + 1), length) for i in range(length)], logits
+
+
+def _check_cut(sample_logits: Tensor, batch_logits: Tensor | None, i: int, index: int) -> None:
+    """A sample cut from its batch must give the batch's own logits row: else the cut did not find the samples
+    (a flat tensor of every sample's tokens, say, is not cut along its tokens)."""
+    if batch_logits is None or i >= batch_logits.shape[0]:
+        return
+    expected = batch_logits[i].to(sample_logits.dtype)
+    scale = expected.abs().max().clamp_min(1e-12)
+    if ((sample_logits.detach()[0] - expected).abs().max() > 1e-3 * scale).item():
+        raise ValueError(
+            f"the reference cut sample {index} from its batch along dimension 0, but the model gives it other logits "
+            "than the batch's own row: the batch does not hold its samples along dimension 0 of its tensors. Pass the "
+            "reference a loader whose every batch is one sample"
+        )
 
 
 def _sample_logits(work: nn.Module, sample: Any, inputs, outputs, index: int) -> Tensor:
@@ -91,6 +120,7 @@ def score(
     """Same contract as :func:`fastdal.score`, one sample at a time; ``dtype`` runs a converted copy."""
     gamma = check_gamma(gamma)
     check_loader(pool_loader, "pool_loader", pool=True)
+    model = unwrapped(model)
     grads = as_grad_dict(labeled_grad, model)
     out_dtype = accumulation_dtype(dict(model.named_parameters())[n] for n in grads)
     work = _working_model(model, dtype)
@@ -105,9 +135,11 @@ def score(
             p.requires_grad_(True)
         flat_g = torch.cat([grads[n].to(device=dev, dtype=params_by_name[n].dtype).reshape(-1) for n in names])
         for batch in with_progress(pool_loader, progress, "fastdal.reference.score"):
-            for sample in _samples(_cast_inputs(to_device(batch, dev), dtype)):
+            samples, batch_logits = _samples(work, _cast_inputs(to_device(batch, dev), dtype), inputs, outputs)
+            for i, sample in enumerate(samples):
                 with torch.enable_grad():
                     logits = _sample_logits(work, sample, inputs, outputs, len(sq_list))
+                    _check_cut(logits, batch_logits, i, len(sq_list))
                     check_finite(logits, len(sq_list), "pool")
                     pseudo = logits.argmax(dim=1)
                     loss = nn.functional.cross_entropy(logits, pseudo, reduction="sum")
@@ -136,7 +168,7 @@ def labeled_grad(
 ) -> LabeledGrad:
     """Same contract as :func:`fastdal.labeled_grad`, summing one per-sample gradient at a time."""
     check_loader(labeled_loader, "labeled_loader", pool=False)
-    work = _working_model(model, dtype)
+    work = _working_model(unwrapped(model), dtype)
     params_by_name = dict(work.named_parameters())
     total: dict[str, Tensor] | None = None
     request: Any = None
@@ -151,9 +183,11 @@ def labeled_grad(
                     params_by_name[n].requires_grad_(True)
                 acc = accumulation_dtype(params_by_name[n] for n in names)
                 total = {n: torch.zeros_like(params_by_name[n], dtype=acc) for n in names}
-            for sample in _samples(batch):
+            samples, batch_logits = _samples(work, batch, inputs, outputs)
+            for i, sample in enumerate(samples):
                 with torch.enable_grad():
                     logits = _sample_logits(work, sample, inputs, outputs, count)
+                    _check_cut(logits, batch_logits, i, count)
                     y = check_labels(batch_labels(sample, labels), 1, logits.shape[1], count)
                     loss = nn.functional.cross_entropy(logits, y, reduction="sum")
                     grads = torch.autograd.grad(loss, [params_by_name[n] for n in total], allow_unused=True)

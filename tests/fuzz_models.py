@@ -148,6 +148,62 @@ class Affine(nn.Module):
         return z * self.t + self.c
 
 
+class LayerScale(nn.Module):
+    """``gamma * x`` with a bare parameter over a sample's channels (ConvNeXt's layer scale), broadcast over the
+    rest; ``channel_dim`` is the channels' dimension within a sample; ``how`` picks the operation's form."""
+
+    def __init__(self, channels: int, channel_dim: int = -1, how: str = "mul"):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.ones(channels))
+        self.channel_dim, self.how = channel_dim, how
+
+    def forward(self, x):
+        shape = [1] * x.dim()
+        shape[self.channel_dim if self.channel_dim < 0 else self.channel_dim + 1] = -1
+        gamma = self.gamma.view(shape)
+        if self.how == "inplace":
+            return x.clone().mul_(gamma)
+        if self.how == "div":
+            return x / (gamma.abs() + 0.5)
+        return gamma * x
+
+
+class Shift(nn.Module):
+    """``x + b`` (or ``x - b``) with a bare parameter of the shape of a sample's last dimensions: a bias, or a
+    position table broadcast over the batch."""
+
+    def __init__(self, shape: tuple[int, ...], subtract: bool = False):
+        super().__init__()
+        self.b = nn.Parameter(torch.zeros(shape))
+        self.subtract = subtract
+
+    def forward(self, x):
+        return x - self.b if self.subtract else x + self.b
+
+
+class ClassToken(nn.Module):
+    """ViT's class token: a bare (1, 1, D) parameter expanded along the batch and put before the positions."""
+
+    def __init__(self, d: int):
+        super().__init__()
+        self.cls = nn.Parameter(torch.zeros(1, 1, d))
+
+    def forward(self, x):
+        return torch.cat([self.cls.expand(x.shape[0], -1, -1), x], 1)
+
+
+class RowsLinear(nn.Module):
+    """Hugging Face's ``Conv1D``: ``addmm`` on the samples and positions flattened into rows, weight (in, out)."""
+
+    def __init__(self, d_in: int, d_out: int):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(d_in, d_out))
+        self.bias = nn.Parameter(torch.zeros(d_out))
+
+    def forward(self, x):
+        return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
+
+
 class FuzzNet(nn.Module):
     def __init__(self, trunk: nn.Module, head: nn.Linear, pool: nn.Module, post: nn.Module, side: nn.Module | None):
         super().__init__()
@@ -227,6 +283,11 @@ _TAGGED = (
     "InplaceScale",
     "Scale(",
     "LogSoftmax",
+    "LayerScale",
+    "Shift",
+    "ClassToken",
+    "RowsLinear",
+    "EmbeddingBag",
 )
 
 
@@ -397,7 +458,9 @@ def _step(draw, layout: str, shape: tuple[int, ...], kind: str | None = None) ->
     forces the block's kind (the convolution that opens every c1/c2 trunk)."""
     if layout == "vec":
         (d,) = shape
-        kind = draw(st.sampled_from(("linear", "act", "residual", "batchnorm", "trailing_norm", "groupnorm")))
+        kind = draw(
+            st.sampled_from(("linear", "act", "residual", "batchnorm", "trailing_norm", "groupnorm", "scale", "shift"))
+        )
         if kind == "linear":
             expr, d_out = _linear(draw, d)
             return _after_linear(draw, expr), "vec", (d_out,)
@@ -409,6 +472,10 @@ def _step(draw, layout: str, shape: tuple[int, ...], kind: str | None = None) ->
             return [_trailing_norm(draw, shape)], "vec", shape
         if kind == "groupnorm":
             return [_group_norm(draw, d, shape)], "vec", shape
+        if kind == "scale":
+            return [_layer_scale(draw, d, -1)], "vec", shape
+        if kind == "shift":
+            return [f"Shift(({d},), subtract={draw(st.booleans())})"], "vec", shape
         return [draw(st.sampled_from(ACTIVATIONS))], "vec", shape
 
     if layout == "seq":
@@ -426,9 +493,22 @@ def _step(draw, layout: str, shape: tuple[int, ...], kind: str | None = None) ->
                     "channel_norm",
                     "act",
                     "to_c1",
+                    "scale",
+                    "table",
+                    "class_token",
+                    "rows_linear",
                 )
             )
         )
+        if kind == "scale":
+            return [_layer_scale(draw, d, -1)], "seq", shape
+        if kind == "table":
+            return [f"Shift(({t}, {d}), subtract={draw(st.booleans())})"], "seq", shape
+        if kind == "class_token":
+            return [f"ClassToken({d})"], "seq", (t + 1, d)
+        if kind == "rows_linear":
+            d_out = draw(WIDTH)
+            return [f"RowsLinear({d}, {d_out})"], "seq", (t, d_out)
         if kind == "linear":
             expr, d_out = _linear(draw, d)
             return _after_linear(draw, expr), "seq", (t, d_out)
@@ -459,7 +539,11 @@ def _step(draw, layout: str, shape: tuple[int, ...], kind: str | None = None) ->
     dims = 1 if layout == "c1" else 2
     c, *spatial = shape
     spatial = tuple(spatial)
-    kind = kind or draw(st.sampled_from(("conv", "batchnorm", "groupnorm", "trailing_norm", "pool", "residual", "act")))
+    kind = kind or draw(
+        st.sampled_from(("conv", "batchnorm", "groupnorm", "trailing_norm", "pool", "residual", "act", "scale"))
+    )
+    if kind == "scale":
+        return [_layer_scale(draw, c, 0)], layout, shape
     if kind == "conv":
         expr, out, new_spatial = _conv(draw, dims, c, spatial)
         return _after_linear(draw, expr), layout, (out, *new_spatial)
@@ -522,6 +606,18 @@ def _seq_first_entry(draw, shape: tuple[int, ...], vocab: int | None) -> tuple[l
     return [*layers, "Transpose(0, 1)"], "seq", (t, d)
 
 
+def _layer_scale(draw, channels: int, channel_dim: int) -> str:
+    how = draw(st.sampled_from(("mul", "inplace", "div")))
+    return f"LayerScale({channels}, {channel_dim}, '{how}')"
+
+
+def _bag(draw, vocab: int, d: int) -> str:
+    """An EmbeddingBag over a sample's ids (each row of the (B, T) batch one bag)."""
+    mode = draw(st.sampled_from(("mean", "sum", "max")))
+    padding = draw(st.one_of(st.none(), st.integers(0, vocab - 1)))
+    return f"nn.EmbeddingBag({vocab}, {d}, mode='{mode}'{'' if padding is None else f', padding_idx={padding}'})"
+
+
 def _embedding(draw, vocab: int, d: int) -> str:
     padding = draw(st.one_of(st.none(), st.integers(0, vocab - 1)))
     return f"nn.Embedding({vocab}, {d}{'' if padding is None else f', padding_idx={padding}'})"
@@ -574,6 +670,9 @@ def specs(draw) -> Spec:
     trunk: list[str] = []
     if seq_first:
         trunk, layout, shape = _seq_first_entry(draw, shape, vocab)
+    elif layout == "tokens" and draw(st.integers(0, 3)) == 3:
+        d = draw(WIDTH)
+        trunk, layout, shape = [_bag(draw, vocab, d)], "vec", (d,)
     elif layout == "tokens":
         d = draw(WIDTH)
         trunk, layout, shape = [_embedding(draw, vocab, d)], "seq", (shape[0], d)

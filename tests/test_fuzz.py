@@ -28,7 +28,7 @@ import re
 import pytest
 import torch
 import torch.nn.functional as F
-from hypothesis import assume, given
+from hypothesis import assume, example, given
 from hypothesis.errors import UnsatisfiedAssumption
 
 import fastdal
@@ -194,9 +194,88 @@ def _fuzz_summary(pytestconfig):
 # --------------------------------------------------------------------------------------------------
 
 
+# Every operation kind, whatever the draws: parameters read at the operations that use them (a class token, a
+# position table, layer scales, HF's Conv1D rows), bags, recurrent layers (tests/fuzz_models.py).
+_EVERY_KIND = (
+    Spec(
+        layout="seq",
+        input_shape=(4, 3),
+        vocab=None,
+        seq_first=False,
+        trunk=(
+            "ClassToken(3)",
+            "Shift((5, 3), subtract=False)",
+            "RowsLinear(3, 4)",
+            "LayerScale(4, -1, 'mul')",
+            "nn.Tanh()",
+            "LayerScale(4, -1, 'inplace')",
+            "MeanOver(1)",
+        ),
+        head="nn.Linear(4, 3)",
+        pool="nn.Identity()",
+        post="nn.Identity()",
+        side=None,
+        classes=3,
+        pool_size=7,
+        pool_batch=4,
+        labeled_size=5,
+        labeled_batch=3,
+        int32_labels=False,
+        seed=11,
+    ),
+    Spec(
+        layout="tokens",
+        input_shape=(5,),
+        vocab=6,
+        seq_first=False,
+        trunk=(
+            "nn.EmbeddingBag(6, 4, mode='mean', padding_idx=0)",
+            "LayerScale(4, -1, 'div')",
+            "Shift((4,), subtract=True)",
+        ),
+        head="nn.Linear(4, 3)",
+        pool="nn.Identity()",
+        post="Scale(0.5)",
+        side=None,
+        classes=3,
+        pool_size=6,
+        pool_batch=5,
+        labeled_size=4,
+        labeled_batch=4,
+        int32_labels=False,
+        seed=12,
+    ),
+    Spec(
+        layout="c2",
+        input_shape=(2, 4, 4),
+        vocab=None,
+        seq_first=False,
+        trunk=(
+            "nn.Conv2d(2, 3, 3, stride=1, padding=1, dilation=1, groups=1, padding_mode='zeros')",
+            "LayerScale(3, 0, 'mul')",
+            "MeanOver((2, 3))",
+        ),
+        head="nn.Linear(3, 4)",
+        pool="nn.Identity()",
+        post="nn.Identity()",
+        side=None,
+        classes=4,
+        pool_size=5,
+        pool_batch=2,
+        labeled_size=3,
+        labeled_batch=2,
+        int32_labels=False,
+        seed=13,
+    ),
+)
+
+
 @pytest.mark.filterwarnings("ignore:fastdal.*no closed form:UserWarning")  # generic modules: exact, just slower
 @pytest.mark.filterwarnings("ignore:Using padding='same':UserWarning")  # PyTorch's note on even kernels
 @given(spec=specs())
+@example(spec=_EVERY_KIND[0])
+@example(spec=_EVERY_KIND[1])
+@example(spec=_EVERY_KIND[2])
 def test_fastdal_matches_reference(spec: Spec):
     SUMMARY.calls += 1
     CURRENT[:] = [spec]
