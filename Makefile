@@ -1,7 +1,7 @@
 # The two set-up commands of the README: `make demo` and `make test`. Each installs what it needs.
 PYTHON ?= python3
 
-.PHONY: deps deps-integrations install test fuzz demo bench bench-peers cmake lint gpu-check gpu-compile
+.PHONY: deps deps-integrations install test fuzz demo bench bench-peers bench-models cmake lint gpu-check gpu-compile
 
 # torch 2.13.0 (CPU) is installed only where no torch is present, so that a CUDA build already on a
 # GPU machine is used as it is; likewise triton (3.7.1 pairs with torch 2.13). The other packages do
@@ -64,6 +64,12 @@ bench-peers: install
 		$(PYTHON) -m pip install --no-deps $(PEERS) && $(PYTHON) -m pip install $(PEER_DEPS) && \
 		test "$$($(PYTHON) -c 'import torch; print(torch.__version__)')" = "$$before"; }
 	$(PYTHON) bench/peers/run.py --background-load
+
+# fastdal's whole-model score on the models people bring (Hugging Face BERT, DistilBERT, GPT-2, ViT; a ConvNeXt, a
+# bidirectional LSTM, fastText), against a training step and torch.func, float64 exactness first; writes
+# bench/results/models-cpu.json and the README's models table.
+bench-models: install deps-integrations
+	$(PYTHON) bench/bench_models.py
 
 cmake: deps
 	cmake -B build/cmake -G Ninja -DCMAKE_PREFIX_PATH="$$($(PYTHON) -c 'import torch; print(torch.utils.cmake_prefix_path)')" \
