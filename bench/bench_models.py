@@ -66,14 +66,15 @@ README_START, README_END = "<!-- models:start -->", "<!-- models:end -->"
 # Realistic but small: one training step over a pool takes roughly 0.1-1 s on a 2-core CPU. ``batch`` samples a
 # batch, ``batches`` batches in the pool, ``classes`` logits; the labeled set (for G) is one batch. Pools hold more
 # than one batch because fastdal probes the model on the first batch of each score call (fastdal/layout.py), a
-# cost a real pool of many batches shares out; a one-batch pool would charge all of it to one batch.
+# cost a real pool of many batches shares out (about 0.04 s a call for BERT here); a one-batch pool would charge
+# all of it to one batch.
 FULL: dict[str, dict[str, Any]] = {
-    "bert": dict(vocab=8000, hidden=256, layers=2, heads=4, ffn=1024, seq=64, batch=32, batches=2, classes=4),
-    "distilbert": dict(vocab=8000, hidden=256, layers=2, heads=4, ffn=1024, seq=64, batch=32, batches=2, classes=4),
-    "gpt2": dict(vocab=8000, hidden=256, layers=2, heads=4, seq=64, batch=32, batches=2, classes=4),
-    "vit": dict(image=32, patch=4, hidden=192, layers=4, heads=4, ffn=768, batch=32, batches=2, classes=10),
-    "convnext": dict(image=64, dims=(48, 96, 192), depths=(2, 2, 4), batch=32, batches=2, classes=10),
-    "lstm": dict(vocab=10000, embed=128, hidden=256, seq=64, batch=32, batches=2, classes=4),
+    "bert": dict(vocab=8000, hidden=256, layers=2, heads=4, ffn=1024, seq=64, batch=32, batches=4, classes=4),
+    "distilbert": dict(vocab=8000, hidden=256, layers=2, heads=4, ffn=1024, seq=64, batch=32, batches=4, classes=4),
+    "gpt2": dict(vocab=8000, hidden=256, layers=2, heads=4, seq=64, batch=32, batches=4, classes=4),
+    "vit": dict(image=32, patch=4, hidden=192, layers=4, heads=4, ffn=768, batch=32, batches=4, classes=10),
+    "convnext": dict(image=64, dims=(48, 96, 192), depths=(2, 2, 4), batch=32, batches=4, classes=10),
+    "lstm": dict(vocab=10000, embed=128, hidden=256, seq=64, batch=32, batches=4, classes=4),
     "fasttext": dict(vocab=20000, dim=64, tokens=(30, 70), batch=64, batches=8, classes=4),
 }
 # The same architectures at tiny sizes: the whole --quick run, exactness checks included, in well under a minute.

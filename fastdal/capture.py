@@ -216,6 +216,7 @@ class Call:
     in_dims: list | None = None
     out_dims: list | None = None
     own_edges: list[GradientEdge | None] = field(default_factory=list)  # each output's own edge
+    carried: Any = None  # what a carrier made of the call (Recorder: a recurrent module run without grad)
 
     def modified_in_place(self) -> bool:
         return any(t._version != v for t, v in zip(self.outputs, self.versions))
@@ -389,25 +390,46 @@ class Recorder:
 
     The hooks are prepended, so they see what the module itself returned, before any hook of the
     user's changes it. Used as a context manager; the hooks are removed on exit.
+
+    ``carriers`` maps a target kind to an object whose ``carry(target, args, kwargs, output)`` returns
+    ``(output, carried)``: the module of such a target runs without grad (a pre-hook pauses it, the forward hook,
+    called even when the module raises, resumes it), and the carrier puts the output back into the graph, for
+    instance through a custom ``autograd.Function`` whose backward reuses the closed form's own recomputation
+    (fastdal/recurrent.py), so that the module's backward is not run twice. ``carried`` is kept on the Call.
     """
 
-    def __init__(self, targets: Iterable[Target]):
+    def __init__(self, targets: Iterable[Target], carriers: dict[str, Any] | None = None):
         self.targets = list(targets)
         self.calls: dict[Target, list[Call]] = {t: [] for t in self.targets}
         self.order: list[Target] = []  # targets in the order their calls happened
         self.recording = False
+        self.carriers = carriers or {}
+        self._paused: list[Target] = []  # carried targets whose call runs now, grad paused
         self._handles: list[Any] = []
 
     def __enter__(self) -> Recorder:
         try:
             for target in self.targets:
+                carried = target.kind in self.carriers
+                if carried:
+                    self._handles.append(target.module.register_forward_pre_hook(self._pause(target), prepend=True))
                 self._handles.append(
-                    target.module.register_forward_hook(self._hook(target), with_kwargs=True, prepend=True)
+                    target.module.register_forward_hook(
+                        self._hook(target), with_kwargs=True, prepend=True, always_call=carried
+                    )
                 )
         except BaseException:
             self.__exit__(None, None, None)
             raise
         return self
+
+    def _pause(self, target: Target):
+        def pre_hook(module: nn.Module, args: tuple) -> None:
+            if self.recording and torch.is_grad_enabled():
+                self._paused.append(target)
+                torch._C._set_grad_enabled(False)
+
+        return pre_hook
 
     def __exit__(self, *exc: object) -> None:
         for handle in self._handles:
@@ -416,11 +438,20 @@ class Recorder:
 
     def _hook(self, target: Target):
         def hook(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+            carried = None
+            if self._paused and self._paused[-1] is target:
+                self._paused.pop()
+                torch._C._set_grad_enabled(True)
+                if output is None:  # the module raised: grad is back on, the error goes on up
+                    return None
+                output, carried = self.carriers[target.kind].carry(target, args, kwargs, output)
             if not self.recording:
                 return None
             # fastdal's own bookkeeping is not part of the model: operation-level capture must not see it.
             with torch._C.DisableTorchFunction():
-                return self._record(target, args, kwargs, output)
+                replaced = self._record(target, args, kwargs, output)
+            self.calls[target][-1].carried = carried
+            return output if replaced is None and carried is not None else replaced
 
         return hook
 

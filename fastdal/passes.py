@@ -16,7 +16,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import Tensor, nn
 
-from . import backends, generic, layers, use_forms
+from . import backends, generic, layers, recurrent, use_forms
 from .backward import backward_to_outputs
 from .batches import batch_length, check_finite, check_labels, read_logits, split_batch
 from .capture import USES, Call, Plan, Recorder, Target, reachable_parameters, used_elsewhere
@@ -65,16 +65,17 @@ def forward_recorded(
     outputs: Callable | None,
     grad: bool,
     steps: list | None = None,
+    carriers: dict[str, Any] | None = None,
 ) -> Recorded:
-    """Run the model once with the targets' calls recorded: module targets by hooks, "uses" targets by following
-    their parameters operation by operation along ``steps`` (fastdal/uses.py)."""
+    """Run the model once with the targets' calls recorded: module targets by hooks (``carriers``: see Recorder),
+    "uses" targets by following their parameters operation by operation along ``steps`` (fastdal/uses.py)."""
     module_targets = [t for t in targets if t.kind != USES]
     owners = {name: t for t in targets if t.kind == USES for name in t.params}
     mode = None
     if owners:
         params = dict(model.named_parameters())
         mode = UseMode({name: params[name] for name in owners}, steps)
-    with Recorder(module_targets) as recorder, recorder.record() as calls, torch.set_grad_enabled(grad):
+    with Recorder(module_targets, carriers) as recorder, recorder.record() as calls, torch.set_grad_enabled(grad):
         with mode if mode is not None else contextlib.nullcontext():
             out = model(*args, **kwargs)
         logits = read_logits(out, outputs)
@@ -250,7 +251,8 @@ class BackwardPass:
         for _ in range(_MAX_REFINEMENTS):
             self._settle_uses(layout)
             targets = list(self.plan.targets.values())
-            recorded = forward_recorded(self.model, targets, args, kwargs, outputs, grad=True, steps=self.steps)
+            carriers = {"recurrent": recurrent.Carrier(self.dtype)}
+            recorded = forward_recorded(self.model, targets, args, kwargs, outputs, True, self.steps, carriers)
             calls, logits = recorded.calls, recorded.logits
             _check_rows(layout, batch, logits, first_index)
             if recorded.diverged:

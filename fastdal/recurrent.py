@@ -22,8 +22,11 @@ is exact per sample. Each weight is then a Linear over time steps whose terms co
   ``dq_n = r * dp_n``.
 * ``W_hr`` (LSTM ``proj_size``) maps ``u_t = o_t * tanh(c_t)`` to the state ``h_t``: from ``(u_t, dh_t)``.
 
-The recomputation costs about one more forward and backward of the module without weight gradients, on top of
-the stock backward that fastdal's pass runs through it.
+In fastdal's recorded forward the stock module runs without grad and :class:`Carrier` puts its outputs back into
+the graph through a custom ``autograd.Function`` whose backward returns the input gradients of the same
+recomputation: the recurrence is differentiated once, not through the module's own backward and then again here.
+The pass thus costs the stock forward without grad, the recomputation's forward and backward (no weight
+gradients) and the terms.
 """
 
 from __future__ import annotations
@@ -36,6 +39,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.rnn import PackedSequence, pad_packed_sequence
+from torch.utils._pytree import tree_flatten
 
 from . import ops
 from .capture import Call, Target
@@ -44,9 +48,8 @@ from .torch_ops import sq_and_dot, use_ghost_norm
 _LAYER = re.compile(r"_l(\d+)(_reverse)?$")
 
 
-def _arguments(call: Call) -> tuple[Any, Any]:
-    """The call's ``input`` and ``hx`` as the stock forward received them."""
-    args, kwargs = call.args, call.kwargs
+def _arguments(args: tuple, kwargs: dict) -> tuple[Any, Any]:
+    """A call's ``input`` and ``hx`` as the stock forward received them."""
     x = args[0] if args else kwargs.get("input")
     hx = args[1] if len(args) > 1 else kwargs.get("hx")
     return x, hx
@@ -83,7 +86,7 @@ def readable(target: Target, call: Call, batch_size: int) -> bool:
     m = target.module
     if m.training and m.dropout > 0 and m.num_layers > 1:
         return False  # fastdal runs in eval mode; a module forced to train would drop between layers at random
-    x, hx = _arguments(call)
+    x, hx = _arguments(call.args, call.kwargs)
     n_states = _state_count(m)
     dims = call.out_dims or []
     if len(dims) < 1 + n_states or any(d != 1 for d in dims[-n_states:]):
@@ -222,11 +225,13 @@ def _run_layer(
     return found
 
 
-def _batch_first_input(m: nn.Module, x: Any, out_delta: Tensor | None, dtype: torch.dtype):
+def _batch_first_input(m: nn.Module, x: Any, out_delta: Tensor | None, dtype: torch.dtype, leaves: dict[int, Tensor]):
     """The input sequence ``(N, T, d_in)``, the output gradient ``(N, T, D * H_out)`` (or None) and the valid-step
-    mask ``(N, T)`` (None: every step valid), samples in their original order."""
+    mask ``(N, T)`` (None: every step valid), samples in their original order. ``leaves`` maps an input tensor to
+    the leaf standing for it where its gradient is wanted; the others are detached."""
     if isinstance(x, PackedSequence):
-        packed = PackedSequence(x.data.detach(), x.batch_sizes, x.sorted_indices, x.unsorted_indices)
+        data = leaves.get(id(x.data), x.data.detach())
+        packed = PackedSequence(data, x.batch_sizes, x.sorted_indices, x.unsorted_indices)
         seq, lengths = pad_packed_sequence(packed, batch_first=True)
         steps = x.batch_sizes.numel()
         if out_delta is not None:
@@ -234,7 +239,8 @@ def _batch_first_input(m: nn.Module, x: Any, out_delta: Tensor | None, dtype: to
             out_delta = pad_packed_sequence(packed, batch_first=True, total_length=steps)[0]
         mask = (torch.arange(steps)[None] < lengths[:, None]).to(seq.device)
         return seq.to(dtype), None if out_delta is None else out_delta.to(dtype), mask
-    seq = x.detach() if m.batch_first else x.detach().transpose(0, 1)
+    x = leaves.get(id(x), x.detach())
+    seq = x if m.batch_first else x.transpose(0, 1)
     if out_delta is not None and not m.batch_first:
         out_delta = out_delta.transpose(0, 1)
     return seq.to(dtype), None if out_delta is None else out_delta.to(dtype), None
@@ -261,37 +267,66 @@ def _layer_weights(m: nn.Module, layer: int, dtype: torch.dtype) -> dict[str, An
 
 
 def call_factors(target: Target, call: Call, dtype: torch.dtype) -> dict[tuple[int, int], Direction]:
-    """Per-sample gradient factors of the covered layers and directions for one recorded call."""
+    """Per-sample gradient factors of the covered layers and directions for one recorded call (of a module run
+    without grad, the recomputation its carrier shares with the backward: :class:`Carrier`)."""
+    if isinstance(call.carried, Carried):
+        return call.carried.factors(call.deltas)
+    return recompute(target, call.args, call.kwargs, list(call.deltas or []), dtype, [])[0]
+
+
+def recompute(
+    target: Target, args: tuple, kwargs: dict, deltas: list[Tensor | None], dtype: torch.dtype, inputs: list[Tensor]
+) -> tuple[dict[tuple[int, int], Direction], list[Tensor | None]]:
+    """The recurrence recomputed from a call's arguments and one ``autograd.grad`` from its output gradients
+    ``deltas`` (one per tensor output, None where none reached it): the covered layers' factors, and the gradients
+    of the call's input tensors ``inputs`` (its sequence or packed data, given initial states)."""
+    n_states = _state_count(target.module)
+    if len(deltas) < 1 + n_states:
+        return {}, [None] * len(inputs)
+    out_delta, state_deltas = deltas[0], deltas[-n_states:]
+    if out_delta is None and all(d is None for d in state_deltas):
+        return {}, [None] * len(inputs)  # the call's outputs did not reach the loss
+    # The backward of the carrying node runs this with grad off: the graph from the inputs' leaves (transposed,
+    # padded from a packed sequence) must be recorded all the same.
+    with torch.enable_grad():
+        return _recompute(target, args, kwargs, out_delta, state_deltas, dtype, inputs)
+
+
+def _recompute(
+    target: Target,
+    args: tuple,
+    kwargs: dict,
+    out_delta: Tensor | None,
+    state_deltas: list[Tensor | None],
+    dtype: torch.dtype,
+    inputs: list[Tensor],
+) -> tuple[dict[tuple[int, int], Direction], list[Tensor | None]]:
     m = target.module
     covered = _covered(target)
     n_states = _state_count(m)
-    deltas = list(call.deltas or [])
-    if not covered or len(deltas) < 1 + n_states:
-        return {}
-    out_delta, state_deltas = deltas[0], deltas[-n_states:]
-    if out_delta is None and all(d is None for d in state_deltas):
-        return {}  # the call's outputs did not reach the loss
-    x, hx = _arguments(call)
-    seq, out_delta, mask = _batch_first_input(m, x, out_delta, dtype)
+    leaves = {id(t): t.detach().to(dtype).requires_grad_(True) for t in inputs}
+    x, hx = _arguments(args, kwargs)
+    seq, out_delta, mask = _batch_first_input(m, x, out_delta, dtype, leaves)
     n = seq.shape[0]
     directions = 2 if m.bidirectional else 1
     h_size = m.proj_size if m.proj_size > 0 else m.hidden_size
     given = _states(hx)
     if given:
-        h0 = given[0].detach().to(dtype)
-        c0 = given[1].detach().to(dtype) if n_states == 2 else None
+        h0 = leaves.get(id(given[0]), given[0].detach()).to(dtype)
+        c0 = leaves.get(id(given[1]), given[1].detach()).to(dtype) if n_states == 2 else None
     else:
         h0 = seq.new_zeros(m.num_layers * directions, n, h_size)
         c0 = seq.new_zeros(m.num_layers * directions, n, m.hidden_size) if n_states == 2 else None
-    lowest = min(layer for layer, _ in covered)
+    # Layers below the lowest covered one need a graph only when the inputs' gradients are wanted.
+    lowest = 0 if inputs else min((layer for layer, _ in covered), default=m.num_layers)
     projections: dict[int, Tensor] = {}  # p of every direction of each covered layer, (N, T, D * gates * H)
     runs: dict[int, dict[str, Any]] = {}
-    inputs: dict[int, Tensor] = {}
+    layer_inputs: dict[int, Tensor] = {}
     finals_h, finals_c = [], []
     layer_in = seq
     with torch.enable_grad():
         for layer in range(m.num_layers):
-            inputs[layer] = layer_in
+            layer_inputs[layer] = layer_in
             w = _layer_weights(m, layer, dtype)
             with torch.set_grad_enabled(layer >= lowest):
                 p = F.linear(layer_in, w["w_ih"], w["b_in"])
@@ -333,8 +368,12 @@ def call_factors(target: Target, call: Call, dtype: torch.dtype) -> dict[tuple[i
         ]
         for layer in hr_layers:
             wanted.extend(runs[layer]["projected"])
-        grads = torch.autograd.grad(outputs, wanted, seeds, allow_unused=True)
-    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, grads)]
+        wanted_inputs = [leaves[id(t)] for t in inputs]
+        found_grads = torch.autograd.grad(outputs, wanted + wanted_inputs, seeds, allow_unused=True)
+    grads = [torch.zeros_like(t) if g is None else g for t, g in zip(wanted, found_grads)]
+    input_grads = [
+        None if g is None else g.to(t.dtype) for t, g in zip(inputs, found_grads[len(wanted) :])
+    ]
     found: dict[tuple[int, int], Direction] = {}
     for layer, dp_layer in zip(layers, grads):
         run = runs[layer]
@@ -345,7 +384,7 @@ def call_factors(target: Target, call: Call, dtype: torch.dtype) -> dict[tuple[i
             if m.mode == "GRU":
                 dp_r, dp_z, dp_n = dp.chunk(3, 2)
                 dq = torch.cat([dp_r, dp_z, run["r"][direction] * dp_n], 2)
-            found[(layer, direction)] = Direction(inputs[layer].detach(), run["before"][direction], dp, dq)
+            found[(layer, direction)] = Direction(layer_inputs[layer].detach(), run["before"][direction], dp, dq)
     step = len(layers)
     for layer in hr_layers:
         count = len(runs[layer]["projected"])
@@ -355,7 +394,77 @@ def call_factors(target: Target, call: Call, dtype: torch.dtype) -> dict[tuple[i
             if (layer, direction) in found:
                 found[(layer, direction)].u = runs[layer]["u"][direction]
                 found[(layer, direction)].dr = dr[direction]
-    return found
+    return found, input_grads
+
+
+# --------------------------------------------------------------------------------------------------
+# The recorded forward without the module's own backward
+# --------------------------------------------------------------------------------------------------
+
+
+class Carried:
+    """One call of a recurrent module that ran without grad, its outputs carried by :class:`_Carry`.
+
+    The terms need the recomputed recurrence's gradients, and the backward through the module (to the layers
+    below it) needs its input gradients: both come from the same :func:`recompute`, run once, by whichever asks
+    first (the pass reads a call's output gradients just before the backward reaches the carrying node)."""
+
+    def __init__(self, target: Target, args: tuple, kwargs: dict, inputs: list[Tensor], dtype: torch.dtype):
+        self.target, self.args, self.kwargs, self.inputs, self.dtype = target, args, kwargs, inputs, dtype
+        self.done: tuple[dict, list] | None = None
+
+    def _run(self, deltas: list[Tensor | None]) -> tuple[dict, list]:
+        if self.done is None:
+            self.done = recompute(self.target, self.args, self.kwargs, deltas, self.dtype, self.inputs)
+            self.args, self.kwargs = (), {}  # the inputs' values live on in the factors where needed
+        return self.done
+
+    def factors(self, deltas: list[Tensor | None] | None) -> dict[tuple[int, int], Direction]:
+        return self._run(list(deltas or []))[0]
+
+    def input_grads(self, deltas: list[Tensor | None]) -> list[Tensor | None]:
+        grads = self._run(deltas)[1]
+        self.inputs = []
+        return grads
+
+
+class _Carry(torch.autograd.Function):
+    """Puts a recurrent module's outputs, computed without grad, back into the graph: its backward returns the
+    gradients of the module's inputs from the recomputation the terms share."""
+
+    @staticmethod
+    def forward(ctx, carried: Carried, slots: list[int], count: int, outputs: list[Tensor], anchor: Tensor, *inputs):
+        # The outputs come in a list, not as arguments: autograd then gives these very tensors this node as their
+        # grad_fn (returned arguments would come back as new aliases, which the model never sees).
+        ctx.carried, ctx.slots, ctx.count = carried, slots, count
+        ctx.set_materialize_grads(False)
+        return tuple(outputs)
+
+    @staticmethod
+    def backward(ctx, *grad_outputs):
+        deltas: list[Tensor | None] = [None] * ctx.count
+        for slot, grad in zip(ctx.slots, grad_outputs):
+            deltas[slot] = grad
+        return (None, None, None, None, None, *ctx.carried.input_grads(deltas))
+
+
+class Carrier:
+    """The Recorder's carrier for "recurrent" targets: their stock forward runs without grad, and :class:`_Carry`
+    carries the outputs, so that fastdal's backward runs the recurrence once, in the closed form's recomputation,
+    instead of through the module's own backward and then again here."""
+
+    def __init__(self, dtype: torch.dtype):
+        self.dtype = dtype
+
+    def carry(self, target: Target, args: tuple, kwargs: dict, output: Any) -> tuple[Any, Carried]:
+        inputs = [t for t in tree_flatten((args, kwargs))[0] if isinstance(t, Tensor) and t.requires_grad]
+        leaves = [t for t in tree_flatten(output)[0] if isinstance(t, Tensor)]
+        slots = [i for i, t in enumerate(leaves) if t.is_floating_point()]
+        carried = Carried(target, args, kwargs, inputs, self.dtype)
+        # An anchor needing grad makes the outputs need it even when no input does (the module reads the data).
+        anchor = torch.empty(0, device=leaves[0].device, requires_grad=True)
+        _Carry.apply(carried, slots, len(leaves), [leaves[i] for i in slots], anchor, *inputs)
+        return output, carried
 
 
 def _suffix(key: tuple[int, int]) -> str:
