@@ -172,9 +172,12 @@ class BackwardPass:
         return UseMode({name: params[name] for name in self.grads})
 
     def _layout(self, batch: Any, inputs: Callable | None, outputs: Callable | None) -> SampleLayout:
-        """The sample layout, probed on the first batch and kept for the rest of the pass."""
+        """The sample layout, probed on the first batch and kept for the rest of the pass. The probes follow the
+        parameters operation by operation only when some take that route (it costs Python work on every
+        operation of the probes' forwards); :meth:`_settle_uses` probes again if one does later."""
         if self.layout is None:
-            self.layout = SampleLayout(self.model, batch, inputs, outputs, also=self._follow)
+            follow = self._follow if self.plan.by_use() else None
+            self.layout = SampleLayout(self.model, batch, inputs, outputs, also=follow)
             self._shared_calls()
         return self.layout
 
@@ -187,7 +190,7 @@ class BackwardPass:
             if probed and all(d is None for call in probed for d in (*call.inputs, *call.outputs)):
                 self.plan.hand_up(target)
 
-    def _settle_uses(self, layout: SampleLayout) -> None:
+    def _settle_uses(self, layout: SampleLayout, batch: Any) -> None:
         """The operation plan for the current "uses" targets, from the probes. Where the probes cannot run
         (batches that cannot be cut into samples) or took different paths through the operations, those
         parameters go to the generic path."""
@@ -195,6 +198,9 @@ class BackwardPass:
         if not names:
             self.steps = None
             return
+        if layout.also is None and layout.splittable:
+            layout.also = self._follow
+            layout.reprobe(batch)
         if self.planned != (layout.generation, names):
             seen = layout.also_seen
             steps = None
@@ -249,7 +255,7 @@ class BackwardPass:
         layout = self._layout(batch, inputs, outputs)
         args, kwargs = split_batch(batch, inputs)
         for _ in range(_MAX_REFINEMENTS):
-            self._settle_uses(layout)
+            self._settle_uses(layout, batch)
             targets = list(self.plan.targets.values())
             carriers = {"recurrent": recurrent.Carrier(self.dtype)}
             recorded = forward_recorded(self.model, targets, args, kwargs, outputs, True, self.steps, carriers)

@@ -261,6 +261,14 @@ class UseMode(TorchFunctionMode):
         self.count = 0
         self.diverged = False
 
+    def __exit__(self, *exc: object) -> None:
+        # Ids mean nothing once the forward is over, and the tensors followed by id were kept alive only for
+        # it: a probe's record is its shapes, a recorded forward's is its uses (which hold their own recipes).
+        self.keep.clear()
+        self.nodes.clear()
+        self.sources.clear()
+        super().__exit__(*exc)
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         followed = self.sources if self.plan is None else self.nodes

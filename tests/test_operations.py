@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, TensorDataset
 import fastdal
 
 from conftest import relative_error
-from helpers import assert_same_state, snapshot
+from helpers import assert_same_state, materialized_gradients, snapshot
 
 
 def _loaders(x, classes=4, batch_size=4, n_labeled=6):
@@ -369,3 +369,18 @@ def test_model_comes_back_when_a_call_fails_half_way(one_thread):
     assert_same_state(before, snapshot(model))
     assert not torch._C._is_torch_function_mode_enabled()
     assert fastdal.score(model, _loaders(torch.randn(10, 5, 6, dtype=torch.float64))[1], g).isfinite().all()
+
+
+@pytest.mark.parametrize("model", [Tokens, MatrixUses, FunctionalNorms], ids=lambda m: m.__name__)
+def test_full_rank_features_of_parameters_read_by_operation(model, one_thread):
+    """features(layers="all", rank=...) at full rank: the projections are identities, so the Gram matrix and
+    the dot products equal those of per-sample gradients materialized by autograd."""
+    model = model().double()
+    x = torch.randn(7, 5, 6, dtype=torch.float64)
+    pool = DataLoader(TensorDataset(x), batch_size=4)
+    f = fastdal.features(model, pool, layers="all", rank=1024)
+    g = materialized_gradients(model, x, f.names)
+    assert relative_error(f.gram(), g @ g.T) < 1e-10
+    labeled, _ = _loaders(torch.randn(10, 5, 6, dtype=torch.float64))
+    G = fastdal.labeled_grad(model, labeled, layers="all")
+    assert relative_error(f.dot(G), g @ torch.cat([G[n].reshape(-1) for n in f.names])) < 1e-10
