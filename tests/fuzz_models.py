@@ -204,6 +204,18 @@ class RowsLinear(nn.Module):
         return torch.addmm(self.bias, x.reshape(-1, x.shape[-1]), self.weight).view(*x.shape[:-1], -1)
 
 
+class RecurrentOut(nn.Module):
+    """A recurrent layer's output sequence (its final states dropped): (B, T, D * H) batch-first, or (T, B, ...)
+    inside SeqFirst."""
+
+    def __init__(self, rnn: nn.Module):
+        super().__init__()
+        self.rnn = rnn
+
+    def forward(self, x):
+        return self.rnn(x)[0]
+
+
 class FuzzNet(nn.Module):
     def __init__(self, trunk: nn.Module, head: nn.Linear, pool: nn.Module, post: nn.Module, side: nn.Module | None):
         super().__init__()
@@ -288,6 +300,9 @@ _TAGGED = (
     "ClassToken",
     "RowsLinear",
     "EmbeddingBag",
+    "nn.LSTM",
+    "nn.GRU",
+    "nn.RNN",
 )
 
 
@@ -497,9 +512,13 @@ def _step(draw, layout: str, shape: tuple[int, ...], kind: str | None = None) ->
                     "table",
                     "class_token",
                     "rows_linear",
+                    "recurrent",
                 )
             )
         )
+        if kind == "recurrent":
+            expr, width = _recurrent(draw, d)
+            return [expr], "seq", (t, width)
         if kind == "scale":
             return [_layer_scale(draw, d, -1)], "seq", shape
         if kind == "table":
@@ -604,6 +623,26 @@ def _seq_first_entry(draw, shape: tuple[int, ...], vocab: int | None) -> tuple[l
     if draw(st.booleans()):
         return [*layers, "MeanOver(0)"], "vec", (d,)
     return [*layers, "Transpose(0, 1)"], "seq", (t, d)
+
+
+def _recurrent(draw, d: int) -> tuple[str, int]:
+    """An LSTM, GRU or RNN over a (B, T, D) sequence, batch-first or run sequence-first, 1-2 layers, one or two
+    directions; returns (expression, output width)."""
+    cell = draw(st.sampled_from(("nn.LSTM", "nn.GRU", "nn.RNN")))
+    hidden, layers, both = draw(WIDTH), draw(st.integers(1, 2)), draw(st.booleans())
+    options = f"num_layers={layers}, bidirectional={both}"
+    if cell == "nn.RNN" and draw(st.booleans()):
+        options += ", nonlinearity='relu'"
+    if cell == "nn.LSTM" and draw(st.integers(0, 3)) == 3 and hidden > 1:
+        projected = draw(st.integers(1, hidden - 1))
+        options += f", proj_size={projected}"
+        width = projected
+    else:
+        width = hidden
+    width *= 2 if both else 1
+    if draw(st.booleans()):
+        return f"SeqFirst(RecurrentOut({cell}({d}, {hidden}, {options})))", width
+    return f"RecurrentOut({cell}({d}, {hidden}, {options}, batch_first=True))", width
 
 
 def _layer_scale(draw, channels: int, channel_dim: int) -> str:

@@ -246,6 +246,28 @@ _EVERY_KIND = (
         seed=12,
     ),
     Spec(
+        layout="seq",
+        input_shape=(5, 3),
+        vocab=None,
+        seq_first=False,
+        trunk=(
+            "RecurrentOut(nn.LSTM(3, 4, num_layers=2, bidirectional=True, proj_size=2, batch_first=True))",
+            "SeqFirst(RecurrentOut(nn.GRU(4, 3, num_layers=1, bidirectional=False)))",
+            "MaxOver(1)",
+        ),
+        head="nn.Linear(3, 4)",
+        pool="nn.Identity()",
+        post="nn.Identity()",
+        side=None,
+        classes=4,
+        pool_size=6,
+        pool_batch=5,
+        labeled_size=4,
+        labeled_batch=3,
+        int32_labels=False,
+        seed=14,
+    ),
+    Spec(
         layout="c2",
         input_shape=(2, 4, 4),
         vocab=None,
@@ -276,6 +298,7 @@ _EVERY_KIND = (
 @example(spec=_EVERY_KIND[0])
 @example(spec=_EVERY_KIND[1])
 @example(spec=_EVERY_KIND[2])
+@example(spec=_EVERY_KIND[3])
 def test_fastdal_matches_reference(spec: Spec):
     SUMMARY.calls += 1
     CURRENT[:] = [spec]

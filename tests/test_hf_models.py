@@ -19,6 +19,7 @@ from torch.utils.data import DataLoader, Dataset
 import fastdal
 
 from conftest import relative_error
+from helpers import assert_same_state, snapshot
 
 transformers = pytest.importorskip("transformers", reason="transformers is not installed (pip install fastdal[hf])")
 
@@ -179,10 +180,12 @@ def test_dict_batches_and_logits_outputs_match_the_reference(name: str, layers: 
     # The pool's batches carry labels too: they must be neither passed to the model nor read.
     pool = DataLoader(pool_data, batch_size=4)
 
+    before = snapshot(model)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="fastdal:")
         g = fastdal.labeled_grad(model, labeled, layers=layers)
         result = fastdal.score(model, pool, g, return_components=True)
+    assert_same_state(before, snapshot(model))
     expected_g = fastdal.reference.labeled_grad(model, labeled, layers=layers)
     assert g.names == expected_g.names and len(g.names) > (0 if layers == "last" else 10)
     _assert_same_grad(g, expected_g)
@@ -262,10 +265,12 @@ def test_vit_class_token_and_position_table(layers: str) -> None:
     model = transformers.ViTForImageClassification(config).double().eval()
     labeled = DataLoader(ImageDataset(6, seed=1), batch_size=4)
     pool = DataLoader(ImageDataset(9, seed=2), batch_size=4)
+    before = snapshot(model)
     with warnings.catch_warnings():
         warnings.filterwarnings("error", message="fastdal:")
         g = fastdal.labeled_grad(model, labeled, layers=layers)
         result = fastdal.score(model, pool, g, return_components=True)
+    assert_same_state(before, snapshot(model))
     if layers == "all":
         assert {"vit.embeddings.cls_token", "vit.embeddings.position_embeddings"} <= set(g.names)
     _assert_same_grad(g, fastdal.reference.labeled_grad(model, labeled, layers=layers))

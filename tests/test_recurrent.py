@@ -386,3 +386,28 @@ def test_full_rank_features_are_exact(name, one_thread):
     G = fastdal.labeled_grad(model, labeled, layers="all")
     flat_G = torch.cat([G[n].reshape(-1) for n in f.names])
     assert relative_error(f.dot(G), g @ flat_G) < 1e-10
+
+
+def test_failure_inside_the_carried_module_leaves_everything_as_it_was(one_thread):
+    """The recorded forward runs the recurrent module without grad: an error raised in its call (here by a hook of
+    the user's on its third call, during the recorded forward of the first batch) turns grad back on, and the
+    model comes back unchanged."""
+    config = CONFIGS["lstm_two_layers_bidirectional"]
+    model = _build(config)
+    labeled, pool = _loaders(config, torch.float64)
+    g = fastdal.labeled_grad(model, labeled, layers="all")
+    calls = {"n": 0}
+
+    def fail_on_third_call(module, args):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("injected failure")
+
+    handle = model.rnn.register_forward_pre_hook(fail_on_third_call)
+    before = snapshot(model)
+    with pytest.raises(RuntimeError, match="injected failure"):
+        fastdal.score(model, pool, g)
+    assert torch.is_grad_enabled()
+    assert_same_state(before, snapshot(model))
+    handle.remove()
+    assert torch.isfinite(fastdal.score(model, pool, g)).all()
