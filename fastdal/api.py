@@ -13,8 +13,6 @@ from . import backends, distributed, reference, selection
 from .allocator import release_free_memory
 from .batches import (
     batch_labels,
-    check_finite,
-    check_labels,
     check_loader,
     check_pool_count,
     pool_size,
@@ -23,6 +21,7 @@ from .batches import (
     with_progress,
 )
 from .capture import Plan, Target, model_on_device, preserved_model_state
+from .checks import PassChecks
 from .columns import Columns
 from .coverage import Layers, covered_parameters
 from .features import GradFeatures
@@ -160,10 +159,11 @@ def _score_here(
 
     columns = Columns(pool_size(pool_loader) if group is None else None)  # all that outlives a batch
     covered = [params[n] for n in grads]
+    checks = PassChecks()
     with model_on_device(model, device) as dev, preserved_model_state(model, covered):
         local = {n: g.to(device=dev, dtype=dtype) for n, g in grads.items()}
         head = _single_linear(model, list(local))
-        last = LastLayerPass(model, head, local, backend) if head is not None else None
+        last = LastLayerPass(model, head, local, backend, checks) if head is not None else None
         full: BackwardPass | None = None
         for batch in with_progress(pool_loader, progress, "fastdal.score"):
             batch = to_device(batch, dev)
@@ -172,9 +172,10 @@ def _score_here(
                 # Something follows the head (or there is no single head): use the backward pass
                 # from here on.
                 last = None
-                full = full or BackwardPass(model, local, dtype, backend)
+                full = full or BackwardPass(model, local, dtype, backend, checks)
                 terms = full(batch, inputs, outputs, columns.count)
             columns.append(terms.sq_norm, terms.dot, terms.pseudo_label)
+        checks.finish()
     if group is None:
         check_pool_count(pool_loader, columns.count)
     found = columns.finish()
@@ -258,6 +259,7 @@ def _labeled_grad_here(
     total: dict[str, Tensor] | None = None
     request: Any = None
     count = 0
+    checks = PassChecks()
     with model_on_device(model, device) as dev, preserved_model_state(model):
         for batch in with_progress(labeled_loader, progress, "fastdal.labeled_grad"):
             batch = to_device(batch, dev)
@@ -271,13 +273,14 @@ def _labeled_grad_here(
                 dtype = accumulation_dtype(params[n] for n in names)
                 total = {n: torch.zeros_like(params[n], dtype=dtype) for n in names}
                 head = _single_linear(model, names)
-            grads = _closed_form_labeled(model, head, args, kwargs, y, outputs, count, dtype) if head else None
+            grads = _closed_form_labeled(model, head, args, kwargs, y, outputs, count, dtype, checks) if head else None
             if grads is None:
                 head = None  # something follows the head: one batched backward per batch from here on
-                grads = labeled_batch_grads(model, list(total), args, kwargs, y, outputs, count)
+                grads = labeled_batch_grads(model, list(total), args, kwargs, y, outputs, count, checks)
             for n, g in grads.items():
                 total[n] += g.to(total[n].dtype)
             count += y.shape[0]
+        checks.finish()
     return None if total is None else (total, request, count)
 
 
@@ -296,14 +299,15 @@ def _closed_form_labeled(
     outputs: Callable[[Any], Tensor] | None,
     first_index: int,
     dtype: torch.dtype,
+    checks: PassChecks,
 ) -> dict[str, Tensor] | None:
     """Summed head gradient of a labeled batch in closed form, or None if the closed form does not apply."""
     found = head_input_and_logits(model, head, args, kwargs, outputs)
     if found is None:
         return None
     h, logits = found
-    y = check_labels(y, logits.shape[0], logits.shape[1], first_index)
-    check_finite(logits, first_index, "labeled")
+    y = checks.labels(y, logits.shape[0], logits.shape[1], first_index)
+    checks.logits(logits, first_index, "labeled")
     weight, bias = last_layer_labeled_grad(h, logits, y, dtype)
     by_local = {"weight": weight, "bias": bias}
     return {full: by_local[local] for local, full in head.params.items()}

@@ -9,8 +9,10 @@
 
 ``"auto"`` takes the first backend of the device's preference list that serves the tensors
 (CPU: cpp, torch; CUDA: cuda, triton, torch). A backend named in ``backend=`` or, when that is
-``"auto"``, in the ``FASTDAL_BACKEND`` environment variable is forced: if it cannot serve the
-tensors, the error lists every reason.
+``"auto"``, in the ``FASTDAL_BACKEND`` environment variable is forced for the ops it has kernels for
+(the GPU backends have none for the CPU-only ops conv_sample_score, unfold and last_layer_score_logits:
+for those the automatic choice stands, so ``FASTDAL_BACKEND=cuda`` still scores a convolution); if it
+cannot serve the tensors of such an op, the error lists every reason.
 """
 
 from __future__ import annotations
@@ -27,6 +29,13 @@ OP_BACKENDS = (TORCH, CPP, CUDA, TRITON)
 ENV = "FASTDAL_BACKEND"
 _PREFERENCE = {"cpu": (CPP, TORCH), "cuda": (CUDA, TRITON, TORCH)}
 _KERNEL_DTYPES = {CPP: (torch.float32, torch.float64), CUDA: (torch.float32, torch.float64), TRITON: (torch.float32,)}
+# The ops a GPU backend has kernels for (csrc/cuda, kernels/); cpp and torch have every op.
+_GPU_OPS = frozenset({"last_layer_score", "linear_sample_score", "kron_project", "factored_min_distance"})
+
+
+def has_op(name: str, op: str) -> bool:
+    """Whether backend ``name`` has an implementation of ``op`` at all (whatever the tensors)."""
+    return name not in (CUDA, TRITON) or op in _GPU_OPS
 
 
 def available() -> dict[str, str | None]:
@@ -67,7 +76,7 @@ def choose(op: str, backend: str, tensors: list[torch.Tensor]) -> str:
     backend = requested(backend)
     if backend == REFERENCE:
         raise ValueError(f"the reference backend computes fastdal.score only, not the op {op!r}")
-    if backend != AUTO:
+    if backend != AUTO and has_op(backend, op):
         reasons = _reasons(backend, op, tensors)
         if reasons:
             raise ValueError(f"backend {backend!r} cannot run {op} on these tensors: " + "; ".join(reasons))
@@ -85,6 +94,8 @@ def _reasons(name: str, op: str, tensors: list[torch.Tensor]) -> list[str]:
         reasons.append(machine)
     if name == TORCH:
         return reasons
+    if not has_op(name, op):
+        reasons.append(f"{name} has no kernel for {op}")
     device = tensors[0].device.type
     wanted = {CPP: ("cpu",), CUDA: ("cuda",), TRITON: ("cuda", "cpu")}[name]
     if device not in wanted:

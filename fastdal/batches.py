@@ -176,8 +176,8 @@ def batch_labels(batch: Any, labels: Callable[[Any], Tensor] | None) -> Tensor:
     return value
 
 
-def check_labels(y: Tensor, batch_size: int, num_classes: int, first_index: int) -> Tensor:
-    """The labels as int64 class indices (what torch's losses take), after checking dtype, shape and range."""
+def check_label_layout(y: Tensor, batch_size: int, first_index: int) -> None:
+    """Integer labels, one per sample of the batch (reads no value)."""
     if y.dtype == torch.bool or y.is_floating_point() or y.is_complex():
         raise TypeError(f"labels must be integer class indices, got dtype {y.dtype} (at labeled index {first_index})")
     if y.shape != (batch_size,):
@@ -185,16 +185,24 @@ def check_labels(y: Tensor, batch_size: int, num_classes: int, first_index: int)
             f"labels must have shape ({batch_size},) to match the batch, got {tuple(y.shape)} "
             f"(batch starting at labeled index {first_index})"
         )
+
+
+def check_labels(y: Tensor, batch_size: int, num_classes: int, first_index: int) -> Tensor:
+    """The labels as int64 class indices (what torch's losses take), after checking dtype, shape and range."""
+    check_label_layout(y, batch_size, first_index)
     bad = (y < 0) | (y >= num_classes)
     if bad.any():
         i = int(bad.nonzero()[0, 0])
-        error = ValueError(
-            f"label {int(y[i])} at labeled index {first_index + i} is outside [0, {num_classes}) for a model with "
-            f"{num_classes} classes"
-        )
-        error.fastdal_sample = ("labeled", first_index + i)
-        raise error
+        raise label_error(int(y[i]), first_index + i, num_classes)
     return y.long()
+
+
+def label_error(label: int, index: int, num_classes: int) -> ValueError:
+    error = ValueError(
+        f"label {label} at labeled index {index} is outside [0, {num_classes}) for a model with {num_classes} classes"
+    )
+    error.fastdal_sample = ("labeled", index)  # fastdal/distributed.py names its global index
+    return error
 
 
 def read_logits(output: Any, outputs: Callable[[Any], Tensor] | None) -> Tensor:
@@ -236,12 +244,15 @@ def check_finite(logits: Tensor, first_index: int, what: str) -> None:
     bad = ~torch.isfinite(logits).all(dim=1)
     if bad.any():
         i = int(bad.nonzero()[0, 0])
-        error = ValueError(
-            f"the model's logits for {what} index {first_index + i} are not finite (nan or inf); "
-            f"{int(bad.sum())} sample(s) of this batch are affected"
-        )
-        error.fastdal_sample = (what, first_index + i)  # fastdal/distributed.py names its global index
-        raise error
+        raise not_finite_error(first_index + i, what, int(bad.sum()))
+
+
+def not_finite_error(index: int, what: str, count: int) -> ValueError:
+    error = ValueError(
+        f"the model's logits for {what} index {index} are not finite (nan or inf); {count} sample(s) are affected"
+    )
+    error.fastdal_sample = (what, index)  # fastdal/distributed.py names its global index
+    return error
 
 
 def to_device(obj: Any, device: torch.device) -> Any:

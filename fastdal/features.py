@@ -363,6 +363,8 @@ def _features_here(
             parts.append(blocks)
             label_parts.append(used)
             seen += used.shape[0]
+        if builder is not None:
+            builder.pass_.checks.finish()  # the pass's finite and label checks, read once (fastdal/checks.py)
     if group is None:
         check_pool_count(loader, seen)
     if builder is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator, Mapping
 
 import torch
@@ -88,6 +89,7 @@ def as_grad_dict(labeled_grad: LabeledGrad | Mapping[str, Tensor], model: nn.Mod
         raise ValueError("labeled_grad is empty: it must cover at least one parameter of the model")
     params = dict(model.named_parameters())
     grads = {_model_name(name, params): g for name, g in grads.items()}
+    finite = _finite_tensors(grads)
     for name, g in grads.items():
         if not isinstance(g, Tensor):
             raise TypeError(f"labeled_grad[{name!r}] must be a tensor, got {type(g).__name__}")
@@ -102,9 +104,25 @@ def as_grad_dict(labeled_grad: LabeledGrad | Mapping[str, Tensor], model: nn.Mod
                 f"labeled_grad[{name!r}] has shape {tuple(g.shape)} but the model's parameter has shape "
                 f"{tuple(params[name].shape)}; was it computed for another model?"
             )
-        if not (g.is_floating_point() and all_finite(g)):
+        if not (g.is_floating_point() and finite[name]):
             raise ValueError(f"labeled_grad[{name!r}] must be a finite floating-point tensor")
     return grads
+
+
+def _finite_tensors(grads: dict[str, Tensor]) -> dict[str, bool]:
+    """Whether each floating-point tensor is finite, reading one value per device (on a GPU: one host wait for
+    the whole gradient, not one per tensor): the sums, stacked; a non-finite sum is checked element by element."""
+    found: dict[str, bool] = {}
+    by_device: dict[torch.device, list[str]] = {}
+    for name, g in grads.items():
+        if isinstance(g, Tensor) and g.is_floating_point():
+            by_device.setdefault(g.device, []).append(name)
+    for names in by_device.values():
+        with torch.no_grad():
+            sums = torch.stack([grads[n].sum().to(torch.float64) for n in names]).cpu().tolist()
+        for name, total in zip(names, sums):
+            found[name] = math.isfinite(total) or all_finite(grads[name])
+    return found
 
 
 # The prefixes a wrapper adds to its module's parameter names: torch.compile's and DistributedDataParallel's.

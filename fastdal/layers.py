@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from . import attention, backends, bags, ops, recurrent
 from .capture import Call, Target
+from .pieces import group_rows
 from .torch_ops import chunks, sq_and_dot, use_ghost_norm
 
 
@@ -149,16 +150,16 @@ def conv_terms(target, calls, grads, batch_size, dtype, backend="auto"):
 
 
 def _per_sample_conv_backward(backend: str, x: Tensor) -> bool:
-    """Whether a direct conv norm uses PyTorch's convolution backward per sample (no unfold).
+    """Whether a direct conv norm takes each sample's weight gradient one sample at a time (no unfold).
 
-    On CPU the unfold alone costs more than the convolution, so this beats any backend's
+    On the CPU the unfold alone costs more than the convolution, so this beats any backend's
     ``linear_sample_score`` on unfolded inputs (the vanilla CNN's whole-model score is slower with the
-    cpp op), and "auto" takes it there; a native backend named explicitly gets the unfolded input.
+    cpp op), and "auto" takes it there; a native backend named explicitly gets the unfolded input. On a GPU a
+    loop over samples would launch kernels per sample: the unfolded input goes through batched GEMMs.
     """
-    requested = backends.requested(backend)
-    if requested == backends.AUTO:
-        return x.device.type == "cpu" or backends.choose("linear_sample_score", backend, [x]) == backends.TORCH
-    return requested == backends.TORCH
+    if x.device.type != "cpu":
+        return False
+    return backends.requested(backend) in (backends.AUTO, backends.TORCH)
 
 
 def _unfolded_conv_terms(m, pairs, grad: Tensor | None, batch_size: int, ghost: bool, backend: str):
@@ -298,25 +299,30 @@ def norm_terms(target, calls, grads, batch_size, dtype, backend="auto"):
 
 def embedding_rows(target, calls, batch_size, dtype) -> tuple[Tensor, Tensor, Tensor] | None:
     """A sample's Embedding gradient, as rows: ``(owner, ids, rows)`` with ``rows[k]`` the gradient row
-    of embedding ``ids[k]`` for sample ``owner[k]``, one per distinct (sample, id); None without calls.
+    of embedding ``ids[k]`` for sample ``owner[k]``, one per distinct (sample, id) plus zero rows to spare
+    (owner 0, id 0: they add nothing); None without calls.
 
     Each row is the sample's output gradients summed over the positions holding that id, which is
-    linear in the number of positions.
+    linear in the number of positions. Grouped by sorting, without ``unique`` or boolean masks, whose
+    sizes depend on the values: on a GPU the host would wait for them every batch.
     """
     m: nn.Embedding = target.module
     pairs = _inputs_and_deltas(target, calls, batch_size, dtype)
     if not pairs:
         return None
     ids = torch.cat([i.reshape(batch_size, -1) for i, _ in pairs], 1)
-    delta = torch.cat([d.reshape(batch_size, -1, m.embedding_dim) for _, d in pairs], 1)
-    sample = torch.arange(batch_size, device=ids.device)[:, None].expand_as(ids)
-    keep = torch.ones_like(ids, dtype=torch.bool) if m.padding_idx is None else ids != m.padding_idx
-    ids, sample, delta = ids[keep], sample[keep], delta[keep]
-    keys, slot = torch.unique(sample * m.num_embeddings + ids, return_inverse=True)
-    rows = delta.new_zeros(keys.shape[0], m.embedding_dim).index_add_(0, slot, delta)
+    delta = torch.cat([d.reshape(batch_size, -1, m.embedding_dim) for _, d in pairs], 1).reshape(-1, m.embedding_dim)
+    owner = torch.arange(batch_size, device=ids.device)[:, None].expand_as(ids).reshape(-1)
+    ids = ids.reshape(-1).long()
+    if m.padding_idx is not None:
+        delta = delta * (ids != m.padding_idx).to(delta.dtype)[:, None]  # no gradient reaches the padding row
+    slots, keys, rows = group_rows(owner * m.num_embeddings + ids, delta)
     if m.scale_grad_by_freq:
         # PyTorch divides each row by the id's count in the batch, which for one sample is this count.
-        rows /= torch.bincount(slot, minlength=keys.shape[0]).to(dtype)[:, None]
+        counts = torch.zeros(rows.shape[0], dtype=dtype, device=rows.device).index_add_(
+            0, slots, torch.ones_like(slots, dtype=dtype)
+        )
+        rows = rows / counts.clamp_min(1)[:, None]
     return keys // m.num_embeddings, keys % m.num_embeddings, rows
 
 

@@ -131,7 +131,7 @@ def last_layer_score_logits(
         raise ValueError(f"gamma must be a finite number, got {gamma!r}")
     tensors = [t for t in (h, logits, weight_grad, bias_grad) if t is not None]
     _same_device(tensors)
-    name = _cpu_only("last_layer_score_logits", backend, tensors, "use last_layer_score")
+    name = _cpu_only("last_layer_score_logits", backend, tensors)
     if name == backends.TORCH:
         with _torch_matmuls(h, precision.get_matmul_precision()):
             sq, dot, pseudo = torch_ops.last_layer_terms_from_logits(h, logits, weight_grad, bias_grad)
@@ -249,7 +249,7 @@ def conv_sample_score(
     _check_optional("weight_grad", weight_grad, tuple(weight.shape))
     tensors = [weight, *inputs, *deltas] + ([] if weight_grad is None else [weight_grad])
     _same_device(tensors)
-    name = _cpu_only("conv_sample_score", backend, tensors, "use linear_sample_score")
+    name = _cpu_only("conv_sample_score", backend, tensors)
     args = (list(inputs), list(deltas), weight, list(stride), list(dilation), int(groups), weight_grad)
     if name == backends.TORCH:
         return torch_ops.conv_sample_score(*args)
@@ -272,7 +272,7 @@ def unfold(
     """
     if not isinstance(x, Tensor) or x.dim() != 4 or not x.is_floating_point():
         raise ValueError(f"x must be a floating-point (N, C, H, W) tensor, got {_shape(x)}")
-    name = _cpu_only("unfold", backend, [x], "use torch")
+    name = _cpu_only("unfold", backend, [x])
     if name == backends.TORCH:
         return torch.nn.functional.unfold(x, kernel_size, dilation=dilation, stride=stride)
     return torch.ops.fastdal.unfold(x, list(kernel_size), list(stride), list(dilation))
@@ -393,15 +393,10 @@ def last_layer_labeled_grad(h: Tensor, logits: Tensor, labels: Tensor, dtype: to
     return e.T @ h.to(dtype), e.sum(dim=0)
 
 
-def _cpu_only(op: str, backend: str, tensors: list[Tensor], hint: str) -> str:
-    """The backend of an op with a cpp kernel and a torch version only: "auto" takes torch where a GPU backend
-    would have been chosen; a GPU backend named explicitly is an error that says what to use instead."""
-    name = backends.choose(op, backend, tensors)
-    if name in (backends.CUDA, backends.TRITON):
-        if backends.requested(backend) == name:
-            raise ValueError(f"backend {name!r} has no {op}: {hint}")
-        name = backends.TORCH
-    return name
+def _cpu_only(op: str, backend: str, tensors: list[Tensor]) -> str:
+    """The backend of an op with a cpp kernel and a torch version only: cpp where it serves the tensors, torch
+    elsewhere (a GPU backend named stands for its own kernels only: fastdal/backends.py)."""
+    return backends.choose(op, backend, tensors)
 
 
 def _torch_matmuls(x: Tensor, mode: str) -> contextlib.AbstractContextManager:

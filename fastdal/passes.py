@@ -18,8 +18,9 @@ from torch import Tensor, nn
 
 from . import backends, generic, layers, recurrent, use_forms
 from .backward import backward_to_outputs
-from .batches import batch_length, check_finite, check_labels, read_logits, split_batch
+from .batches import batch_length, read_logits, split_batch
 from .capture import USES, Call, Plan, Recorder, Target, reachable_parameters, used_elsewhere
+from .checks import PassChecks
 from .layout import SampleLayout
 from .ops import last_layer_score, last_layer_score_logits
 from .torch_ops import residual
@@ -105,8 +106,10 @@ class LastLayerPass:
     without an N x K tensor.
     """
 
-    def __init__(self, model: nn.Module, target: Target, grads: dict[str, Tensor], backend: str):
-        self.model, self.target, self.backend = model, target, backend
+    def __init__(
+        self, model: nn.Module, target: Target, grads: dict[str, Tensor], backend: str, checks: PassChecks
+    ):
+        self.model, self.target, self.backend, self.checks = model, target, backend, checks
         self.weight_grad = grads.get(target.params.get("weight", ""))
         self.bias_grad = grads.get(target.params.get("bias", ""))
 
@@ -119,7 +122,7 @@ class LastLayerPass:
         if found is None:
             return None
         h, logits = found
-        check_finite(logits, first_index, "pool")
+        self.checks.logits(logits, first_index, "pool")
         weight, bias = (None if p is None else p.detach() for p in (self.target.module.weight, self.target.module.bias))
         given = [t for t in (h, weight, bias, self.weight_grad, self.bias_grad) if t is not None]
         if logits.dtype == h.dtype and backends.choose("last_layer_score", self.backend, given) in CPU_BACKENDS:
@@ -149,8 +152,16 @@ def head_input_and_logits(
 class BackwardPass:
     """Any set of covered parameters: one forward with grad and one backward per batch."""
 
-    def __init__(self, model: nn.Module, grads: dict[str, Tensor], dtype: torch.dtype, backend: str):
+    def __init__(
+        self,
+        model: nn.Module,
+        grads: dict[str, Tensor],
+        dtype: torch.dtype,
+        backend: str,
+        checks: PassChecks | None = None,
+    ):
         self.model, self.grads, self.dtype, self.backend = model, grads, dtype, backend
+        self.checks = PassChecks() if checks is None else checks
         self.plan = Plan(model, grads)
         self.layout: SampleLayout | None = None
         self.warned: set[str] = set()
@@ -274,11 +285,11 @@ class BackwardPass:
             raise RuntimeError(f"fastdal: could not settle which modules to read ({self.plan.describe()})")
         self._warn_generic(calls)
         if labels is None:
-            check_finite(logits, first_index, "pool")
+            self.checks.logits(logits, first_index, "pool")
             labels = logits.argmax(dim=1)
         else:
-            labels = check_labels(labels, logits.shape[0], logits.shape[1], first_index)
-            check_finite(logits, first_index, "labeled")
+            labels = self.checks.labels(labels, logits.shape[0], logits.shape[1], first_index)
+            self.checks.logits(logits, first_index, "labeled")
         ready = None
         if on_ready is not None:
             ready = lambda target, record: on_ready(target, record, logits)  # noqa: E731
@@ -399,13 +410,14 @@ def labeled_batch_grads(
     labels: Tensor,
     outputs: Callable | None,
     first_index: int,
+    checks: PassChecks,
 ) -> dict[str, Tensor]:
     """Summed cross-entropy gradient of a labeled batch at its true labels: one batched backward."""
     params = dict(model.named_parameters())
     with torch.enable_grad():
         logits = read_logits(model(*args, **kwargs), outputs)
-        labels = check_labels(labels, logits.shape[0], logits.shape[1], first_index)
-        check_finite(logits, first_index, "labeled")
+        labels = checks.labels(labels, logits.shape[0], logits.shape[1], first_index)
+        checks.logits(logits, first_index, "labeled")
         # Low-precision logits go through the loss in float32, as the accumulation is float32.
         z = logits.float() if logits.dtype in (torch.float16, torch.bfloat16) else logits
         loss = torch.nn.functional.cross_entropy(z, labels, reduction="sum")

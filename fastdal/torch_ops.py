@@ -100,10 +100,7 @@ def last_layer_score(
             c = c + gb
         sq[rows] = e.square().sum(dim=1) * scale
         dot[rows] = (e * c).sum(dim=1)
-        if not all_finite(z):
-            finite = torch.isfinite(z).all(dim=1)
-            sq[rows] = torch.where(finite, sq[rows], torch.nan)
-            dot[rows] = torch.where(finite, dot[rows], torch.nan)
+        _nan_where_not_finite(z, sq, dot, rows)
     torch.add(sq, dot, alpha=gamma, out=score)
     return score, sq, dot, pseudo
 
@@ -135,11 +132,18 @@ def last_layer_terms_from_logits(
             c = c + gb
         sq[rows] = e.square().sum(dim=1) * scale
         dot[rows] = (e * c).sum(dim=1)
-        if not all_finite(logits[rows]):
-            finite = torch.isfinite(logits[rows]).all(dim=1)
-            sq[rows] = torch.where(finite, sq[rows], torch.nan)
-            dot[rows] = torch.where(finite, dot[rows], torch.nan)
+        _nan_where_not_finite(logits[rows], sq, dot, rows)
     return sq, dot, pseudo
+
+
+def _nan_where_not_finite(z: Tensor, sq: Tensor, dot: Tensor, rows: slice) -> None:
+    """NaN terms for rows whose logits are not finite. On the CPU one sum answers for the usual all-finite case;
+    on a GPU reading it would make the host wait for every chunk, so the rows are masked unconditionally."""
+    if z.device.type == "cpu" and all_finite(z):
+        return
+    finite = torch.isfinite(z).all(dim=1)
+    sq[rows] = torch.where(finite, sq[rows], torch.nan)
+    dot[rows] = torch.where(finite, dot[rows], torch.nan)
 
 
 @torch.no_grad()
