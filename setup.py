@@ -1,46 +1,62 @@
-"""Build of fastdal: the Python package, its Triton kernels (``kernels/`` installs as
-``fastdal.kernels``) and the compiled extension ``fastdal._C``.
+"""Build of fastdal: the Python package, its Triton kernels (``kernels/`` installs as ``fastdal.kernels``), the
+C++/CUDA sources of ``csrc/`` (installed as ``fastdal/csrc``) and, where torch is there to build against, the
+compiled extension ``fastdal._C``. Metadata lives in pyproject.toml; the sources and flags of ``fastdal._C`` in
+fastdal/_build.py, shared with the build at first use.
 
-``fastdal._C`` holds the TORCH_LIBRARY ops of ``csrc/``: a CUDA extension (``csrc/cuda/*.cu`` added)
-when the installed torch is a CUDA build and nvcc is found, else a C++ one with OpenMP.
-``FASTDAL_BUILD_EXT=0`` skips it; fastdal then runs on its ``torch`` backend. Metadata lives in
-pyproject.toml. Install with ``pip install -e . --no-build-isolation`` so that the torch already
-installed is used (an isolated build would fetch another torch).
+* ``pip install .``: pip builds in an isolated environment without torch, so the wheel is pure Python; the first
+  use of fastdal compiles ``fastdal._C`` against the installed torch into a per-user cache (fastdal/_ext.py).
+* ``pip install . --no-build-isolation`` (or ``-e``, as ``make install`` runs it): the installed torch is
+  importable here, so ``fastdal._C`` is built now: a CUDA extension (``csrc/cuda/*.cu`` added) when torch is a
+  CUDA build and nvcc is found, else a C++ one with OpenMP.
+
+``FASTDAL_BUILD_EXT=0`` skips the extension here (and, set at run time, the build at first use); fastdal then
+runs on its ``torch`` backend.
 """
 
-import glob
+import importlib.util
 import os
+from pathlib import Path
+from types import ModuleType
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 
-def extension_build() -> dict:
-    if os.environ.get("FASTDAL_BUILD_EXT", "1") == "0":
+def build_definition() -> ModuleType:
+    """fastdal/_build.py, loaded by its path: importing the fastdal package would import torch."""
+    path = Path(__file__).resolve().parent / "fastdal" / "_build.py"
+    spec = importlib.util.spec_from_file_location("fastdal_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def extension_build(build: ModuleType) -> dict:
+    if build.disabled():
         return {}
-    import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    try:
+        import torch  # noqa: F401 (only whether it is there)
+    except ImportError:  # pip's isolated build: fastdal/_ext.py compiles fastdal._C at first use instead
+        return {}
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
-    sources = sorted(glob.glob("csrc/*.cpp") + glob.glob("csrc/cpu/*.cpp"))
-    cxx = ["-O3", "-fopenmp", "-Wall", "-Wno-unknown-pragmas"]
-    if torch.version.cuda is not None and CUDA_HOME is not None:
-        # Name the GPU architectures: unset, torch's cpp_extension builds for the GPUs it sees (none on
-        # a build machine without one, where it falls back to a long list of old ones). The kernels'
-        # tensor-core paths (TF32 WMMA) need sm_80+, so build native code for A100 (8.0) and H100/H200
-        # (9.0), plus 9.0 PTX that newer GPUs JIT-compile. Set TORCH_CUDA_ARCH_LIST to override.
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
+    cuda = build.with_cuda()
+    sources = [str(path) for path in build.sources(Path("csrc"), cuda)]
+    cxx, link = list(build.CXX_FLAGS), list(build.LINK_FLAGS)
+    if cuda:
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", build.DEFAULT_CUDA_ARCH_LIST)
+        nvcc = list(build.NVCC_FLAGS)
         extension = CUDAExtension(
-            "fastdal._C",
-            sources + sorted(glob.glob("csrc/cuda/*.cu")),
-            extra_compile_args={"cxx": cxx, "nvcc": ["-O3", "-lineinfo"]},
-            extra_link_args=["-fopenmp"],
+            build.EXTENSION, sources, extra_compile_args={"cxx": cxx, "nvcc": nvcc}, extra_link_args=link
         )
     else:
-        extension = CppExtension("fastdal._C", sources, extra_compile_args=cxx, extra_link_args=["-fopenmp"])
+        extension = CppExtension(build.EXTENSION, sources, extra_compile_args=cxx, extra_link_args=link)
     return {"ext_modules": [extension], "cmdclass": {"build_ext": BuildExtension.with_options(use_ninja=True)}}
 
 
 setup(
-    packages=["fastdal", "fastdal.kernels"],
-    package_dir={"fastdal.kernels": "kernels"},
-    **extension_build(),
+    packages=[*find_packages(include=["fastdal", "fastdal.*"]), "fastdal.kernels", "fastdal.csrc"],
+    package_dir={"fastdal.kernels": "kernels", "fastdal.csrc": "csrc"},
+    # The sources travel in every wheel and sdist: a wheel built without torch compiles them at first use.
+    package_data={"fastdal.csrc": ["*.cpp", "cpu/*.cpp", "cpu/*.h", "cuda/*.cu", "cuda/*.cuh"]},
+    **extension_build(build_definition()),
 )

@@ -37,7 +37,9 @@ TORCH_LIBRARY(fastdal, m) {
   // multiplies float32 (see parse_precision above); its default keeps calls without it working.
   // Per row of h (N, D): z = W h + b, yhat = argmax z, e = softmax(z) - onehot(yhat),
   // c = G_W h + G_b; sq_norm = ||e||^2 (||h||^2 [G_W given] + 1 [G_b given]), dot = e . c,
-  // score = sq_norm + gamma * dot. Streams over K: no N x K tensor.
+  // score = sq_norm + gamma * dot. Streams over K: no N x K tensor. h, weight and bias share a dtype, and so
+  // do weight_grad and bias_grad: h's, or float32 for a float16/bfloat16 h (CUDA only: a half model's head),
+  // which is also the outputs' dtype.
   m.def(
       "last_layer_score(Tensor h, Tensor weight, Tensor? bias, Tensor? weight_grad, Tensor? bias_grad, "
       "float gamma, str precision=\"tf32x3\") -> (Tensor score, Tensor sq_norm, Tensor dot, Tensor pseudo_label)");
@@ -69,4 +71,7 @@ TORCH_LIBRARY(fastdal, m) {
   m.def(
       "factored_min_distance(Tensor left, Tensor right, float offset, Tensor sq_norm, int center, "
       "Tensor min_dist) -> Tensor");
+  // The version (major * 10 + minor) of the device code this build runs as on the probe's GPU, 0 when it
+  // has none that GPU can run (CUDA only: csrc/cuda/kernel_image.cu).
+  m.def("cuda_kernel_image(Tensor probe) -> int");
 }

@@ -3,10 +3,11 @@
     torchrun --nproc_per_node=2 examples/distributed_query.py    # 2 ranks (gloo on CPU, nccl on GPUs)
     python3 examples/distributed_query.py                         # the same query in one process
 
-Each rank passes fastdal its own shard: the pool through a DistributedSampler(shuffle=False) (fastdal drops
-the padding it adds), and a consecutive slice of the labeled set. fastdal all-reduces the labeled gradient,
-exchanges each rank's top-b candidates and returns the same global pool indices on every rank: those one
-process would pick over the whole pool. Data: scikit-learn's 8x8 digits (ships offline).
+Each rank passes fastdal its own shards of the pool and of the labeled set, both through a DistributedSampler
+(fastdal drops the padding it adds to even out the shards: with 3 ranks, say, no labeled sample counts twice in
+G). fastdal all-reduces the labeled gradient, exchanges each rank's top-b candidates and returns the same global
+pool indices on every rank: those one process would pick over the whole pool. Data: scikit-learn's 8x8 digits
+(ships offline).
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import torch
 import torch.distributed as dist
 from sklearn.datasets import load_digits
 from torch import nn
-from torch.utils.data import DataLoader, DistributedSampler, Subset, TensorDataset
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 import fastdal
 
@@ -50,11 +51,11 @@ def main() -> None:
     labeled, pool = TensorDataset(x[:LABELED], y[:LABELED]), TensorDataset(x[LABELED:])
     model = trained_model(x[:LABELED], y[:LABELED])
 
-    # This rank's shards: the pool by a DistributedSampler, the labeled set by consecutive slices.
-    sampler = DistributedSampler(pool, shuffle=False) if distributed else None
-    pool_loader = DataLoader(pool, batch_size=128, sampler=sampler)
-    mine = range(rank * LABELED // world, (rank + 1) * LABELED // world)
-    labeled_loader = DataLoader(Subset(labeled, list(mine)), batch_size=128)
+    # This rank's shards. Any split of the labeled set works (consecutive slices too); a sampler must not drop
+    # samples (drop_last=False, its default).
+    pool_loader = DataLoader(pool, batch_size=128, sampler=DistributedSampler(pool) if distributed else None)
+    labeled_sampler = DistributedSampler(labeled, shuffle=True, seed=0) if distributed else None
+    labeled_loader = DataLoader(labeled, batch_size=128, sampler=labeled_sampler)
 
     start = time.perf_counter()
     picks = fastdal.query(model, pool_loader, labeled_loader, BUDGET, layers="all")

@@ -13,10 +13,12 @@ from . import backends, distributed, reference, selection
 from .allocator import release_free_memory
 from .batches import (
     batch_labels,
+    batch_length,
     check_loader,
     check_pool_count,
     pool_size,
     split_batch,
+    take_samples,
     to_device,
     with_progress,
 )
@@ -35,7 +37,7 @@ from .passes import (
     head_input_and_logits,
     labeled_batch_grads,
 )
-from .results import ScoreResult, accumulation_dtype, check_gamma
+from .results import ScoreResult, accumulation_dtype, check_gamma, results_on_host
 
 
 def score(
@@ -71,9 +73,12 @@ def score(
         inputs: maps a batch to model arguments (tensor, tuple or dict of keyword arguments).
         outputs: maps the model's output to its logits.
         group: a torch.distributed process group to score across (default: the default group, when one is
-            initialized with more than one rank); each rank passes the loader over its own shard.
+            initialized with more than one rank); each rank passes the loader over its own shard. ``False``:
+            this process alone on its own loader, with no collective, even under an initialized default group
+            (a rank-local call under torchrun).
         indices: over a process group, the global pool indices of this rank's samples in loader order
-            (default: those of its DistributedSampler, else shards consecutive in rank order).
+            (default: those of its DistributedSampler, else shards consecutive in rank order); all ranks'
+            together must hold 0..N-1 exactly once, or every rank raises a ValueError naming the index and ranks.
 
     Returns:
         ``(N,)`` scores on the CPU, float64 for a float64 model and float32 otherwise; over a process group,
@@ -93,22 +98,24 @@ def score(
 
 def _check_no_indices(indices: object) -> None:
     if indices is not None:
-        raise ValueError("indices= gives a rank's shard of the pool; it needs a process group (group= or torchrun)")
+        raise ValueError(
+            "indices= gives a rank's shard of the pool; it needs a process group (group= or torchrun, not group=False)"
+        )
 
 
 def _scored_shard(local: Callable[[], ScoreResult], pool_loader: Iterable, group: Any, indices: Any):
-    """This rank's scores, the global indices of its samples, which to keep, and the pool size N."""
-    shard = distributed.run_on_all(lambda: distributed.Shard(pool_loader, group, indices), group)
+    """This rank's scores, its Shard, the global indices of its samples, which to keep, and the pool size N."""
+    shard = distributed.run_on_all(lambda: distributed.Shard(pool_loader, group, indices, "pool_loader"), group)
     result = distributed.run_on_all(local, group, shard.local_to_global)
     counts = distributed.gather_objects(result.score.shape[0], group)
     index, keep, n = distributed.run_on_all(lambda: shard.resolve(result.score.shape[0], counts), group)
-    return result, index, keep, n, group
+    return result, shard, index, keep, n
 
 
-def _gathered_scores(result: ScoreResult, index: Tensor, keep: Tensor, n: int, group: Any) -> ScoreResult:
+def _gathered_scores(result: ScoreResult, shard: distributed.Shard, index: Tensor, keep: Tensor, n: int) -> ScoreResult:
     """Every rank's kept scores, placed at their global indices, on every rank."""
     mine = (index[keep], result.sq_norm[keep], result.dot[keep], result.pseudo_label[keep], result.score[keep])
-    parts = distributed.gather_objects(mine, group)
+    parts = distributed.gather_objects(mine, shard.group)
     distributed.check_partition([p[0] for p in parts], n)
     fields = []
     for k in range(1, 5):
@@ -181,7 +188,7 @@ def _score_here(
     found = columns.finish()
     release_free_memory()
     if found is not None:
-        sq, dot, pseudo = (t.cpu() for t in found)
+        sq, dot, pseudo = results_on_host(found)
     else:
         sq = torch.zeros(0, dtype=dtype)
         dot = torch.zeros(0, dtype=dtype)
@@ -213,20 +220,31 @@ def labeled_grad(
         labels: maps a batch to its integer labels (default: the batch's second element).
         group: a torch.distributed process group (default: the default group, when one is initialized with
             more than one rank): each rank passes its own shard of the labeled set, any of which may be
-            empty, and every rank gets the sum over all of them.
+            empty, and every rank gets the sum over all of them. A shard drawn by a ``DistributedSampler``
+            has the padding the sampler adds left out (each labeled sample counts once); a
+            ``DistributedSampler(drop_last=True)``, which leaves labeled samples out, is refused. ``False``:
+            this process alone on its own loader, with no collective, even under an initialized default group.
     """
     group = distributed.active_group(group)
-    local = partial(_labeled_grad_here, model, labeled_loader, layers, device, progress, inputs, labels, outputs)
+    here = partial(_labeled_grad_here, model, labeled_loader, layers, device, progress, inputs, labels, outputs)
     if group is None:
-        found = local()
+        found = here()
         if found is None:
             raise ValueError("labeled_loader yielded no batches: the labeled set must not be empty")
         return LabeledGrad(*found)
-    found = distributed.run_on_all(local, group)
-    shapes = None if found is None else {n: (g.shape, g.dtype) for n, g in found[0].items()}
-    metas = distributed.gather_objects(
-        (shapes, None if found is None else found[1], 0 if found is None else found[2]), group
+    found = distributed.run_on_all(
+        lambda: here(distributed.labeled_shard(labeled_loader, group)),
+        group,
+        distributed.sampler_global_index(labeled_loader),
     )
+    shapes = None if found is None else {n: (g.shape, g.dtype) for n, g in found[0].items()}
+    plan = distributed.sampler_plan(distributed.distributed_sampler(labeled_loader))  # it was read without error
+    metas = distributed.gather_objects(
+        (shapes, None if found is None else found[1], 0 if found is None else found[2], plan), group
+    )
+    problem = distributed.samplers_disagree([m[3] for m in metas], len(metas))
+    if problem is not None:
+        raise ValueError(f"labeled_loader: the ranks' DistributedSamplers do not split one labeled set: {problem}")
     given = [m for m in metas if m[0] is not None]
     if not given:
         raise ValueError("no rank's labeled_loader yielded a batch: the labeled set must not be empty")
@@ -250,8 +268,14 @@ def _labeled_grad_here(
     inputs: Callable[[Any], Any] | None,
     labels: Callable[[Any], Tensor] | None,
     outputs: Callable[[Any], Tensor] | None,
+    shard: tuple[int, int] | None = None,
 ) -> tuple[dict[str, Tensor], Any, int] | None:
-    """(sums, what layers= asked for, count) over the batches of ``labeled_loader`` here; None without batches."""
+    """(sums, what layers= asked for, count) over the batches of ``labeled_loader`` here; None without batches.
+
+    ``shard``: (real, drawn) for a loader drawing with a DistributedSampler (:func:`distributed.labeled_shard`): of
+    the ``drawn`` samples, those past the first ``real`` are the sampler's padding, cut from their batch before
+    the model sees them (in eval mode samples do not interact, so the others' gradients are unchanged).
+    """
     check_loader(labeled_loader, "labeled_loader", pool=False)
     model = distributed.scored_module(model)
     check_batchnorm_statistics(model)
@@ -259,9 +283,14 @@ def _labeled_grad_here(
     total: dict[str, Tensor] | None = None
     request: Any = None
     count = 0
+    drawn = 0  # samples the loader yielded, padding included
     checks = PassChecks()
     with model_on_device(model, device) as dev, preserved_model_state(model):
         for batch in with_progress(labeled_loader, progress, "fastdal.labeled_grad"):
+            if shard is not None:
+                batch, drawn = _without_padding(batch, drawn, shard[0])
+                if batch is None:
+                    continue
             batch = to_device(batch, dev)
             args, kwargs = split_batch(batch, inputs)
             y = to_device(batch_labels(batch, labels), dev)
@@ -281,7 +310,29 @@ def _labeled_grad_here(
                 total[n] += g.to(total[n].dtype)
             count += y.shape[0]
         checks.finish()
+    if shard is not None and drawn != shard[1]:
+        raise ValueError(
+            f"labeled_loader yielded {drawn} samples but its DistributedSampler draws {shard[1]}; fastdal tells the "
+            "sampler's padding by its position (a DataLoader with drop_last=True also leaves labeled samples out)"
+        )
     return None if total is None else (total, request, count)
+
+
+def _without_padding(batch: Any, drawn: int, real: int) -> tuple[Any, int]:
+    """(the batch without a DistributedSampler's padding, or None if it holds only padding; samples drawn after it).
+
+    ``drawn``: samples drawn before this batch; the first ``real`` drawn are real, the rest padding.
+    """
+    length = batch_length(batch)
+    if length is None:
+        raise ValueError(
+            "labeled_loader yielded a batch without a tensor of samples; with a DistributedSampler fastdal cuts the "
+            "padding it adds from the batches as DataLoader collates them (samples along dimension 0)"
+        )
+    keep = min(length, max(real - drawn, 0))
+    if keep == 0:
+        return None, drawn + length
+    return (batch if keep == length else take_samples(batch, slice(0, keep), length)), drawn + length
 
 
 def _single_linear(model: nn.Module, names: list[str]) -> Target | None:
@@ -397,8 +448,10 @@ def query(
     """The paper's query: :func:`labeled_grad`, then :func:`score`, then the top-``b`` pool indices.
 
     Over a process group (``group``, ``indices``: as in :func:`score`; ``labeled_loader`` is this rank's
-    shard of the labeled set), every rank returns the same global indices, and only each rank's top ``b``
-    candidates cross the network (fastdal/distributed.py).
+    shard of the labeled set, as in :func:`labeled_grad`), every rank returns the same global indices, and
+    only each rank's top ``b`` candidates cross the network (fastdal/distributed.py), besides ``indices=``,
+    all-gathered once to check that the ranks' shards partition the pool (a ValueError naming the index held
+    twice or by no rank, and the ranks). ``group=False``: this process alone, with no collective.
     """
     check_gamma(gamma)
     backends.check_runs_here(backends.requested(backend))
@@ -410,11 +463,13 @@ def query(
         size = pool_size(pool_loader)
         if size is not None:
             select(torch.zeros(size), b)  # checks b against the pool size before any work is done
-        grad = labeled_grad(model, labeled_loader, layers=layers, labels=labels, **common)
-        return select(score(model, pool_loader, grad, gamma=gamma, backend=backend, **common), b)
+        # group=False, not None: under an initialized default group, None would mean that group again.
+        grad = labeled_grad(model, labeled_loader, layers=layers, labels=labels, group=False, **common)
+        return select(score(model, pool_loader, grad, gamma=gamma, backend=backend, group=False, **common), b)
     grad = labeled_grad(model, labeled_loader, layers=layers, labels=labels, group=group, **common)
     local = partial(_score_here, model, pool_loader, grad, gamma, backend, device, progress, inputs, outputs, group)
-    result, index, keep, n, _ = _scored_shard(local, pool_loader, group, indices)
+    result, shard, index, keep, n = _scored_shard(local, pool_loader, group, indices)
+    distributed.check_shards(shard, index[keep], n)
 
     def candidates() -> tuple[Tensor, Tensor]:
         select(torch.zeros(n), b)  # b against the whole pool
@@ -424,8 +479,5 @@ def query(
             raise ValueError(f"scores contain NaN at global pool index {int(where[nan][0])}")
         return distributed.top(scores, where, b)
 
-    kept = distributed.gather_objects(int(keep.sum()), group)
-    if sum(kept) != n:
-        raise ValueError(f"the ranks' shards hold {sum(kept)} samples for a pool of {n}: they must not overlap")
     parts = distributed.gather_objects(distributed.run_on_all(candidates, group), group)
     return distributed.merge_top(parts, b)

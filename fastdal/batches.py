@@ -256,7 +256,18 @@ def not_finite_error(index: int, what: str, count: int) -> ValueError:
 
 
 def to_device(obj: Any, device: torch.device) -> Any:
-    return map_tensors(lambda t: t.to(device, non_blocking=True), obj)
+    """Every tensor of ``obj`` on ``device``.
+
+    Only a copy from the host to a device is asynchronous (``non_blocking``): it overlaps the device's work and
+    the stream orders it before any use. A copy to the host stays blocking: into pinned memory an asynchronous
+    one returns before the data has arrived, and the host would read an unfinished batch.
+    """
+    target = torch.device(device)
+
+    def move(t: Tensor) -> Tensor:
+        return t.to(target, non_blocking=t.device.type == "cpu" and target.type != "cpu")
+
+    return map_tensors(move, obj)
 
 
 def with_progress(loader: Iterable, progress: bool | None, desc: str) -> Iterator:

@@ -115,10 +115,12 @@ def model_on_device(model: nn.Module, device: torch.device | str | None) -> Iter
     """
     home = model_device(model)
     if device is None:
+        _check_on_one_device(model)
         yield home
         return
     target = _checked_device(device)
     if target == home:
+        _check_on_one_device(model)
         yield home
         return
     devices = {t.device for t in itertools.chain(model.parameters(), model.buffers())}
@@ -132,6 +134,17 @@ def model_on_device(model: nn.Module, device: torch.device | str | None) -> Iter
         yield target
     finally:
         model.to(home)
+
+
+def _check_on_one_device(model: nn.Module) -> None:
+    """Refuse a model whose parameters are split over devices (pipeline-style over GPUs) before any work: its
+    terms would be computed where each layer lives, and fastdal sums them on one device."""
+    devices = {p.device for p in model.parameters()}
+    if len(devices) > 1:
+        raise ValueError(
+            f"model: its parameters are spread over {sorted(map(str, devices))}; fastdal computes a model's "
+            "scores on one device. Put the model on one device for the call (e.g. model.to('cuda:0'))"
+        )
 
 
 def _checked_device(device: torch.device | str) -> torch.device:

@@ -472,12 +472,12 @@ def _weight_block(target: Target, record: list[Call], batch_size: int, rank: int
     values = [weight.flatten(1)] + ([bias] if bias_name is not None else [])
 
     def project(grads: Mapping[str, Tensor]) -> Tensor:
-        g = grads[weight_name].to(dtype).reshape(groups, out_features // groups, d_in).cpu()
-        po_cpu, pi_cpu = po_groups.cpu(), pi.cpu()
-        parts = [torch.einsum("gro,goi,si->rs", po_cpu, g, pi_cpu).flatten()]
+        # On the features' device: G is never copied to the host (on a GPU that would wait for it).
+        g = grads[weight_name].to(device, dtype).reshape(groups, out_features // groups, d_in)
+        parts = [torch.einsum("gro,goi,si->rs", po_groups, g, pi).flatten()]
         if bias_name is not None:
-            parts.append(_apply(p_out, grads[bias_name].to(dtype).cpu()))
-        return torch.cat(parts).to(device)
+            parts.append(_apply(p_out, grads[bias_name].to(device, dtype)))
+        return torch.cat(parts)
 
     names = [weight_name] + ([bias_name] if bias_name is not None else [])
     return ProjectedBlock(names, torch.cat(values, 1), project)
@@ -532,9 +532,9 @@ def _embedding_block(target: Target, record: list[Call], batch_size: int, rank: 
         values.index_add_(0, owner, outer.flatten(1))
 
     def project(grads: Mapping[str, Tensor]) -> Tensor:
-        g = grads[name].to(dtype).cpu()  # (num_embeddings, dim)
+        g = grads[name].to(device, dtype)  # (num_embeddings, dim)
         projected = _apply(p_out, g).T  # (r_out, num_embeddings)
-        return _apply(p_in, projected).flatten().to(device)
+        return _apply(p_in, projected).flatten()
 
     return ProjectedBlock([name], values, project)
 
@@ -552,7 +552,7 @@ def _flat_block(target: Target, record: list[Call], batch_size: int, rank: int, 
 
     def project(grads: Mapping[str, Tensor]) -> Tensor:
         device = values[0].device
-        return torch.cat([_apply(matrices[n], grads[n].to(dtype).reshape(-1).cpu()) for n in matrices]).to(device)
+        return torch.cat([_apply(matrices[n], grads[n].to(device, dtype).reshape(-1)) for n in matrices])
 
     return ProjectedBlock(list(matrices), torch.cat(values, 1), project)
 

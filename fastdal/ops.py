@@ -52,6 +52,11 @@ def last_layer_score(
     ``N x K`` tensor exists. With ``s = 1 + s'``: ``||e||^2 = s2'/s^2 + (s'/s)^2`` and
     ``e . c = (sc' - c_yhat s') / s``, sums of positive terms that stay accurate for confident rows.
 
+    Every backend sums in float64 for float64 ``h`` and in float32 otherwise: a half model's head (``h``,
+    ``weight``, ``bias`` in float16 or bfloat16, its G in float32) runs on the GPU kernels with its half values
+    converted to float32 as they are loaded, and on the torch backend upcast to float32 (fastdal/backends.py
+    says which backend takes which dtypes).
+
     Args:
         h: (N, D) head inputs. weight: (K, D). bias: (K,) or None.
         weight_grad: (K, D) ``G_W`` or None. bias_grad: (K,) ``G_b`` or None (at least one given).
@@ -79,9 +84,10 @@ def last_layer_score(
     if isinstance(gamma, bool) or not isinstance(gamma, numbers.Real) or not math.isfinite(gamma):
         raise ValueError(f"gamma must be a finite number, got {gamma!r}")
     gamma = float(gamma)
-    tensors = [t for t in (h, weight, bias, weight_grad, bias_grad) if t is not None]
-    _same_device(tensors)
-    name = backends.choose("last_layer_score", backend, tensors)
+    tensors = [t for t in (h, weight, bias) if t is not None]
+    grads = [t for t in (weight_grad, bias_grad) if t is not None]
+    _same_device(tensors + grads)
+    name = backends.choose("last_layer_score", backend, tensors, grads)
     mode = precision.get_matmul_precision()
     if name == backends.TORCH:
         with _torch_matmuls(h, mode):

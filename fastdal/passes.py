@@ -124,8 +124,9 @@ class LastLayerPass:
         h, logits = found
         self.checks.logits(logits, first_index, "pool")
         weight, bias = (None if p is None else p.detach() for p in (self.target.module.weight, self.target.module.bias))
-        given = [t for t in (h, weight, bias, self.weight_grad, self.bias_grad) if t is not None]
-        if logits.dtype == h.dtype and backends.choose("last_layer_score", self.backend, given) in CPU_BACKENDS:
+        inputs = [t for t in (h, weight, bias) if t is not None]
+        grads = [t for t in (self.weight_grad, self.bias_grad) if t is not None]
+        if logits.dtype == h.dtype and backends.choose("last_layer_score", self.backend, inputs, grads) in CPU_BACKENDS:
             terms = last_layer_score_logits(h, logits, self.weight_grad, self.bias_grad, 0.0, backend=self.backend)
             return BatchTerms(terms.sq_norm, terms.dot, terms.pseudo_label)
         terms = last_layer_score(h, weight, bias, self.weight_grad, self.bias_grad, gamma=0.0, backend=self.backend)

@@ -76,20 +76,61 @@ def matmul_precision(mode: str) -> Iterator[str]:
 def torch_cuda_matmuls(mode: str) -> Iterator[None]:
     """torch's CUDA float32 matmuls in ``mode``: TF32 only for "tf32"; the user's setting comes back after.
 
-    Uses ``torch.backends.cuda.matmul.fp32_precision`` (the setting torch reads for cuBLAS) and restores
-    the value it read, so a setting made through either torch API reads back as it was (``allow_tf32``
-    on a torch too old to have the former).
+    torch >= 2.9 keeps two records of the same choice, the legacy one (``allow_tf32``, stored as the global
+    ``float32_matmul_precision``) and the new ``fp32_precision`` per backend and operation, and refuses to
+    read ``allow_tf32`` (torch < 2.9: refuses a cuBLAS matmul) when they disagree. So fastdal sets the choice
+    through the legacy setter, which writes both records alike, and afterwards puts back every record it may
+    have changed, exactly as read. Nothing is set when cuBLAS already does what ``mode`` needs; where the
+    user's own records already disagree, only the new one is set (and restored).
     """
+    allow = mode == TF32
     flags = torch.backends.cuda.matmul
-    name, on, off = (
-        ("fp32_precision", "tf32", "ieee") if hasattr(flags, "fp32_precision") else ("allow_tf32", True, False)
-    )
-    before = getattr(flags, name)
-    setattr(flags, name, on if mode == TF32 else off)
+    current = _readable(lambda: flags.allow_tf32)
+    if current is allow:
+        yield
+        return
+    if not hasattr(flags, "fp32_precision"):  # torch < 2.9: the legacy flag is the only record
+        flags.allow_tf32 = allow
+        try:
+            yield
+        finally:
+            flags.allow_tf32 = current
+        return
+    legacy = _readable(torch.get_float32_matmul_precision)
+    records = {key: torch._C._get_fp32_precision_getter(*key) for key in _FP32_PRECISION_RECORDS}
+    if current is None or legacy is None:
+        flags.fp32_precision = "tf32" if allow else "ieee"
+    else:
+        flags.allow_tf32 = allow
     try:
         yield
     finally:
-        setattr(flags, name, before)
+        if legacy is not None:
+            torch.set_float32_matmul_precision(legacy)  # rewrites some new records too: restored next
+        for key, value in records.items():
+            torch._C._set_fp32_precision_setter(*key, value)
+
+
+# The new API's records that the legacy setters write (torch >= 2.9's fp32_precision backends and operations).
+_FP32_PRECISION_RECORDS = (
+    ("generic", "all"),
+    ("mkldnn", "all"),
+    ("mkldnn", "conv"),
+    ("mkldnn", "rnn"),
+    ("mkldnn", "matmul"),
+    ("cuda", "all"),
+    ("cuda", "conv"),
+    ("cuda", "rnn"),
+    ("cuda", "matmul"),
+)
+
+
+def _readable(read: Callable[[], object]) -> object | None:
+    """``read()``, or None where torch refuses to read a setting made through both of its APIs."""
+    try:
+        return read()
+    except RuntimeError:
+        return None
 
 
 def follows_mode(fn: Callable) -> Callable:

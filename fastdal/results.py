@@ -48,3 +48,9 @@ def accumulation_dtype(tensors: Iterable[Tensor]) -> torch.dtype:
     """float64 when every tensor is float64, float32 otherwise (bf16/fp16 models accumulate in float32)."""
     dtypes = {t.dtype for t in tensors}
     return torch.float64 if dtypes == {torch.float64} else torch.float32
+
+
+def results_on_host(tensors: Iterable[Tensor]) -> list[Tensor]:
+    """A pass's results copied to the host, once at its end: fastdal returns its results on the CPU, and on a
+    GPU this is the one copy that waits for the pass's work."""
+    return list(map(Tensor.cpu, tensors))

@@ -47,51 +47,59 @@ def badge(features: GradFeatures, b: int, *, seed: int = 0, backend: str = "auto
     """``b`` indices by k-means++ seeding over the gradients the features stand for.
 
     Random draws come from a ``torch.Generator`` seeded with ``seed``: one uniform number per centre
-    after the first, turned into an index by inverting the cumulative sum of squared distances.
+    after the first, turned into an index by inverting the cumulative sum of squared distances. The
+    centres stay on the features' device until the end, so on a GPU no pick waits for the previous one.
     """
     n = len(features)
     b = check_budget(b, n)
-    chosen: list[int] = []
     if b == 0:
         return torch.zeros(0, dtype=torch.long)
     sq_norm = features.sq_norm()
     generator = torch.Generator().manual_seed(int(seed))
     min_dist = torch.full_like(sq_norm, float("inf"))
-    center = int(torch.argmax(sq_norm))  # the first maximum: ties go to the lower index
+    chosen = torch.empty(b, dtype=torch.long, device=sq_norm.device)
+    center = torch.argmax(sq_norm)  # the first maximum: ties go to the lower index
     taken = torch.zeros(n, dtype=torch.bool, device=sq_norm.device)
-    while True:
-        chosen.append(center)
-        taken[center] = True
-        if len(chosen) == b:
+    for step in range(b):
+        chosen[step] = center
+        taken.index_fill_(0, center.view(1), True)
+        if step == b - 1:
             break
         min_dist = _min_distance(features, sq_norm, center, min_dist, backend)
-        min_dist[taken] = 0  # rounding may leave a chosen sample a tiny distance from itself
-        u = torch.rand((), generator=generator, dtype=torch.float64).item()
+        min_dist.masked_fill_(taken, 0)  # rounding may leave a chosen sample a tiny distance from itself
+        u = torch.rand((), generator=generator, dtype=torch.float64).item()  # a CPU draw: no device wait
         center = _draw(min_dist, taken, u)
-    return torch.tensor(chosen, dtype=torch.long)
+    return chosen.cpu()
 
 
-def _min_distance(features: GradFeatures, sq_norm: Tensor, center: int, min_dist: Tensor, backend: str) -> Tensor:
+def _min_distance(features: GradFeatures, sq_norm: Tensor, center: Tensor, min_dist: Tensor, backend: str) -> Tensor:
     blocks = features.blocks
     if len(blocks) == 1 and isinstance(blocks[0], FactoredBlock):
         head = blocks[0]
-        return ops.factored_min_distance(head.left, head.right, head.offset, sq_norm, center, min_dist, backend=backend)
-    distance = (sq_norm + sq_norm[center] - 2 * features.inner(center)).clamp_min_(0)
+        # The fused kernels take the centre as an integer argument: on a GPU, one 8-byte read per pick.
+        index = int(center)
+        return ops.factored_min_distance(head.left, head.right, head.offset, sq_norm, index, min_dist, backend=backend)
+    row = center.view(1)  # indexing by a 0-d tensor would read it on the host
+    distance = (sq_norm + sq_norm[row] - 2 * features.gram(slice(None), row)[:, 0]).clamp_min_(0)
     return torch.minimum(min_dist, distance)
 
 
-def _draw(weights: Tensor, taken: Tensor, u: float) -> int:
-    """The index where the cumulative sum of ``weights`` first exceeds ``u`` times its total; when
-    every weight is zero (all samples coincide with a centre), the first sample not yet taken."""
-    cumulative = torch.cumsum(weights.double().cpu(), 0)
-    total = cumulative[-1].item()
-    if not total > 0:
-        return int((~taken).nonzero()[0, 0])
-    index = int(torch.searchsorted(cumulative, torch.tensor([u * total], dtype=torch.float64), right=True)[0])
-    index = min(index, weights.shape[0] - 1)
-    while taken[index] or weights[index] <= 0:  # a zero-width step at the boundary: the next positive one
-        index = (index + 1) % weights.shape[0]
-    return index
+def _draw(weights: Tensor, taken: Tensor, u: float) -> Tensor:
+    """The index (a 0-d tensor on ``weights``' device) where the cumulative sum of ``weights`` first exceeds
+    ``u`` times its total, moved on to the next sample not taken with a positive weight (a zero-width step at
+    the boundary); when every weight is zero (all samples coincide with a centre), the first sample not yet
+    taken. Computed on the device without reading a value on the host."""
+    n = weights.shape[0]
+    cumulative = torch.cumsum(weights.double(), 0)
+    total = cumulative[-1]
+    index = torch.searchsorted(cumulative, (u * total).view(1), right=True)[0].clamp_max(n - 1)
+    position = torch.arange(n, device=weights.device)
+    # The first candidate at or after `index`, going round: the smallest cyclic distance from it.
+    candidate = ~taken & (weights > 0)
+    ahead = torch.where(candidate, (position - index) % n, n)
+    if_positive = torch.argmin(ahead)
+    if_all_zero = torch.argmin(torch.where(~taken, position, n))
+    return torch.where(total > 0, if_positive, if_all_zero)
 
 
 def greedy(

@@ -17,6 +17,10 @@ and accumulates ``acc += dpT @ ap``. Each program writes its own output tile, so
 the result is deterministic. ``a`` and ``delta`` are read through their strides (the unfolded input of a
 convolution is a transposed view), and every tile is padded to the 16 that ``tl.dot`` needs with masked
 loads, so T, d_in, d_out, r_in or r_out of 1 work.
+
+Offsets. Every index is int64 before it is multiplied by a size or a stride (``r_in d_in`` or ``t * stride``
+of a sequence-first tensor can pass 2^31, where int32 arithmetic would wrap to a wrong address), as in
+kernels/linear_sample_score.py.
 """
 
 from __future__ import annotations
@@ -56,32 +60,35 @@ def _kron_project_kernel(
     PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    ro = tl.program_id(1) * BLOCK_RO + tl.arange(0, BLOCK_RO)
-    ri = tl.program_id(2) * BLOCK_RI + tl.arange(0, BLOCK_RI)
+    # Indices are int64 before any product with a size or stride (module docstring, "Offsets").
+    ro = tl.program_id(1).to(tl.int64) * BLOCK_RO + tl.arange(0, BLOCK_RO)
+    ri = tl.program_id(2).to(tl.int64) * BLOCK_RI + tl.arange(0, BLOCK_RI)
     ro_ok, ri_ok = ro < R_OUT, ri < R_IN
     a_row = a_ptr + row * sa_n
     d_row = d_ptr + row * sd_n
     p_out = pout_ptr + (row % GROUPS) * R_OUT * D_OUT
+    pin_rows = ri[None, :] * D_IN
+    pout_rows = ro[:, None] * D_OUT
 
     acc = tl.zeros((BLOCK_RO, BLOCK_RI), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
+        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         t_ok = t < T
         ap = tl.zeros((BLOCK_T, BLOCK_RI), dtype=tl.float32)  # the (t, r_in) tile of a P_in^T
         for i0 in range(0, D_IN, BLOCK_I):
-            i = i0 + tl.arange(0, BLOCK_I)
+            i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
             i_ok = i < D_IN
             a_tile = tl.load(
                 a_row + t[:, None] * sa_t + i[None, :] * sa_i, mask=t_ok[:, None] & i_ok[None, :], other=0.0
             )
             # (BLOCK_I, BLOCK_RI) view of the row-major (r_in, d_in) P_in, so that a_tile @ it is (t, r_in).
-            p_tile = tl.load(pin_ptr + ri[None, :] * D_IN + i[:, None], mask=ri_ok[None, :] & i_ok[:, None], other=0.0)
+            p_tile = tl.load(pin_ptr + pin_rows + i[:, None], mask=ri_ok[None, :] & i_ok[:, None], other=0.0)
             ap += tl.dot(a_tile, p_tile, input_precision=PRECISION)
         dpt = tl.zeros((BLOCK_RO, BLOCK_T), dtype=tl.float32)  # the (r_out, t) tile of P_out delta^T
         for o0 in range(0, D_OUT, BLOCK_O):
-            o = o0 + tl.arange(0, BLOCK_O)
+            o = o0 + tl.arange(0, BLOCK_O).to(tl.int64)
             o_ok = o < D_OUT
-            p_tile = tl.load(p_out + ro[:, None] * D_OUT + o[None, :], mask=ro_ok[:, None] & o_ok[None, :], other=0.0)
+            p_tile = tl.load(p_out + pout_rows + o[None, :], mask=ro_ok[:, None] & o_ok[None, :], other=0.0)
             d_tile = tl.load(
                 d_row + t[None, :] * sd_t + o[:, None] * sd_o, mask=t_ok[None, :] & o_ok[:, None], other=0.0
             )

@@ -18,6 +18,11 @@ keeps the result deterministic, unlike atomics.
 ``a`` and ``delta`` are read through their strides (the unfolded input of a convolution is a
 transposed view), and every tile is padded to the 16 that ``tl.dot`` needs with masked loads, so
 T, d_in or d_out of 1 work.
+
+Offsets. Every index is int64 before it is multiplied by a size or a stride: ``o * d_in`` passes 2^31 for a
+weight of 2^31 elements, and ``t * stride`` for a sequence-first tensor (position stride ``N d``) of 2^31
+elements, where int32 arithmetic would wrap to a wrong address (tests/test_ops.py checks the kernels'
+Triton IR for int32 products of sizes or strides).
 """
 
 from __future__ import annotations
@@ -54,18 +59,21 @@ def _direct_kernel(
     PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    o = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
-    i = tl.program_id(2) * BLOCK_I + tl.arange(0, BLOCK_I)
+    # Indices are int64 before any product with a size or stride (module docstring, "Offsets").
+    o = tl.program_id(1).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
+    i = tl.program_id(2).to(tl.int64) * BLOCK_I + tl.arange(0, BLOCK_I)
     o_ok, i_ok = o < D_OUT, i < D_IN
     a_row = a_ptr + row * sa_n
     d_row = d_ptr + row * sd_n
+    d_cols = o[:, None] * sd_o
+    a_cols = i[None, :] * sa_i
 
     g = tl.zeros((BLOCK_O, BLOCK_I), dtype=tl.float32)
     for t0 in range(0, T, BLOCK_T):
-        t = t0 + tl.arange(0, BLOCK_T)
+        t = t0 + tl.arange(0, BLOCK_T).to(tl.int64)
         t_ok = t < T
-        d_tile = tl.load(d_row + t[None, :] * sd_t + o[:, None] * sd_o, mask=t_ok[None, :] & o_ok[:, None], other=0.0)
-        a_tile = tl.load(a_row + t[:, None] * sa_t + i[None, :] * sa_i, mask=t_ok[:, None] & i_ok[None, :], other=0.0)
+        d_tile = tl.load(d_row + t[None, :] * sd_t + d_cols, mask=t_ok[None, :] & o_ok[:, None], other=0.0)
+        a_tile = tl.load(a_row + t[:, None] * sa_t + a_cols, mask=t_ok[:, None] & i_ok[None, :], other=0.0)
         g += tl.dot(d_tile, a_tile, input_precision=PRECISION)
 
     part = row * (tl.num_programs(1) * tl.num_programs(2)) + tl.program_id(1) * tl.num_programs(2) + tl.program_id(2)
@@ -99,27 +107,36 @@ def _ghost_sq_kernel(
     first = tl.program_id(1) * BLOCK_T
     a_row = a_ptr + row * sa_n
     d_row = d_ptr + row * sd_n
-    t = first + tl.arange(0, BLOCK_T)
+    # Indices are int64 before any product with a size or stride (module docstring, "Offsets"); each product is
+    # formed once, as a vector, and broadcast into the tiles. Both operands of a Gram tile are read as
+    # (positions, features) tiles, one transposed for tl.dot: one pattern of addresses for both, which keeps the
+    # 16 x 32 x 32 configuration from spilling with int64 offsets (it did with the second read as (features, s)).
+    t = first + tl.arange(0, BLOCK_T).to(tl.int64)
     t_ok = t < T
+    t_a, t_d = t * sa_t, t * sd_t
 
     total = tl.zeros((BLOCK_T,), dtype=tl.float32)
     for s0 in range(first, T, BLOCK_T):
-        s = s0 + tl.arange(0, BLOCK_T)
+        s = s0 + tl.arange(0, BLOCK_T).to(tl.int64)
         s_ok = s < T
         gram_a = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+        s_a = s * sa_t
         for i0 in range(0, D_IN, BLOCK_I):
-            i = i0 + tl.arange(0, BLOCK_I)
+            i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
             i_ok = i < D_IN
-            a_t = tl.load(a_row + t[:, None] * sa_t + i[None, :] * sa_i, mask=t_ok[:, None] & i_ok[None, :], other=0.0)
-            a_s = tl.load(a_row + s[None, :] * sa_t + i[:, None] * sa_i, mask=s_ok[None, :] & i_ok[:, None], other=0.0)
-            gram_a += tl.dot(a_t, a_s, input_precision=PRECISION)
+            f = i * sa_i
+            a_t = tl.load(a_row + t_a[:, None] + f[None, :], mask=t_ok[:, None] & i_ok[None, :], other=0.0)
+            a_s = tl.load(a_row + s_a[:, None] + f[None, :], mask=s_ok[:, None] & i_ok[None, :], other=0.0)
+            gram_a += tl.dot(a_t, tl.trans(a_s), input_precision=PRECISION)
         gram_d = tl.zeros((BLOCK_T, BLOCK_T), dtype=tl.float32)
+        s_d = s * sd_t
         for o0 in range(0, D_OUT, BLOCK_O):
-            o = o0 + tl.arange(0, BLOCK_O)
+            o = o0 + tl.arange(0, BLOCK_O).to(tl.int64)
             o_ok = o < D_OUT
-            d_t = tl.load(d_row + t[:, None] * sd_t + o[None, :] * sd_o, mask=t_ok[:, None] & o_ok[None, :], other=0.0)
-            d_s = tl.load(d_row + s[None, :] * sd_t + o[:, None] * sd_o, mask=s_ok[None, :] & o_ok[:, None], other=0.0)
-            gram_d += tl.dot(d_t, d_s, input_precision=PRECISION)
+            f = o * sd_o
+            d_t = tl.load(d_row + t_d[:, None] + f[None, :], mask=t_ok[:, None] & o_ok[None, :], other=0.0)
+            d_s = tl.load(d_row + s_d[:, None] + f[None, :], mask=s_ok[:, None] & o_ok[None, :], other=0.0)
+            gram_d += tl.dot(d_t, tl.trans(d_s), input_precision=PRECISION)
         # The (i, j) and (j, i) tile pairs are equal; only j >= i is visited.
         weight = tl.where(s0 == first, 1.0, 2.0)
         total += weight * tl.sum(gram_a * gram_d, axis=1)
@@ -149,18 +166,21 @@ def _ghost_dot_kernel(
     PRECISION: tl.constexpr,
 ):
     row = tl.program_id(0).to(tl.int64)
-    t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    o = tl.program_id(2) * BLOCK_O + tl.arange(0, BLOCK_O)
+    # Indices are int64 before any product with a size or stride (module docstring, "Offsets").
+    t = tl.program_id(1).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    o = tl.program_id(2).to(tl.int64) * BLOCK_O + tl.arange(0, BLOCK_O)
     t_ok, o_ok = t < T, o < D_OUT
     a_row = a_ptr + row * sa_n
+    a_rows = t[:, None] * sa_t
     grad = g_ptr + (row % GROUPS) * D_OUT * D_IN
+    g_rows = o[None, :] * D_IN
 
     projected = tl.zeros((BLOCK_T, BLOCK_O), dtype=tl.float32)  # the (t, o) tile of a G^T
     for i0 in range(0, D_IN, BLOCK_I):
-        i = i0 + tl.arange(0, BLOCK_I)
+        i = i0 + tl.arange(0, BLOCK_I).to(tl.int64)
         i_ok = i < D_IN
-        a_tile = tl.load(a_row + t[:, None] * sa_t + i[None, :] * sa_i, mask=t_ok[:, None] & i_ok[None, :], other=0.0)
-        g_tile = tl.load(grad + o[None, :] * D_IN + i[:, None], mask=o_ok[None, :] & i_ok[:, None], other=0.0)
+        a_tile = tl.load(a_row + a_rows + i[None, :] * sa_i, mask=t_ok[:, None] & i_ok[None, :], other=0.0)
+        g_tile = tl.load(grad + g_rows + i[:, None], mask=o_ok[None, :] & i_ok[:, None], other=0.0)
         projected += tl.dot(a_tile, g_tile, input_precision=PRECISION)
     d_tile = tl.load(
         d_ptr + row * sd_n + t[:, None] * sd_t + o[None, :] * sd_o, mask=t_ok[:, None] & o_ok[None, :], other=0.0

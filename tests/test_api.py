@@ -110,6 +110,31 @@ def test_backends_report_availability():
         assert "no CUDA device" in report["cuda"]
 
 
+def test_cuda_backend_without_device_code_for_the_gpu_says_so(monkeypatch):
+    """A build with no device code for the GPU (a T4 or V100 and a build for newer ones): the cuda backend
+    reports the reason, and the automatic choice passes on to the next backend instead of failing at launch."""
+    backends = fastdal.backends
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda index: (7, 5))
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index: "Tesla T4")
+    monkeypatch.setattr(fastdal._ext, "load", lambda: None)
+    monkeypatch.setattr(fastdal._ext, "has_kernel", lambda op, key: True)
+    monkeypatch.setattr(backends, "_IMAGE_REASONS", {})
+    probed = []
+
+    def no_image(probe):
+        probed.append(probe)
+        return 0
+
+    monkeypatch.setattr(torch.ops.fastdal, "cuda_kernel_image", no_image, raising=False)
+    monkeypatch.setattr(torch, "empty", lambda *args, device=None, **kwargs: device)
+    reason = backends.available()["cuda"]
+    assert "no device code for cuda:0" in reason and "7.5" in reason and "TORCH_CUDA_ARCH_LIST" in reason
+    assert backends._machine_reason("cuda", torch.device("cuda:0")) == reason
+    assert len(probed) == 1  # asked once per device
+
+
 def test_progress_bar_is_shown_on_request(capsys):
     model, make_inputs, classes = build("mlp")
     labeled, pool = loaders(make_inputs, classes, torch.float64)

@@ -5,12 +5,20 @@ its own shard and compares with what this process computed on the whole pool and
 uneven consecutive shards and an empty one, DistributedSampler (with the padding it adds), a user-given
 interleaved split, a DistributedDataParallel model, layers "last" and "all", top-b with ties, features with
 BADGE and greedy selection, and a NaN on one rank (raised on every rank with its global pool index).
+
+Then, on 2 and 3 ranks: labeled sets of 7 and 11 samples drawn by a DistributedSampler (shuffled or not), whose
+padding must not count in G; the DistributedSampler set-ups that would lose or double samples, refused;
+``indices=`` splits that overlap or leave a gap, refused by every entry point naming the index and the ranks;
+and ``group=False`` calls under a default group, which stay on their rank and run no collective.
 """
 
 from __future__ import annotations
 
 import os
+import sys
 import tempfile
+from datetime import timedelta
+from unittest import mock
 
 import pytest
 import torch
@@ -69,12 +77,26 @@ def _consecutive(n: int, rank: int, world: int) -> range:
     return range(cuts[rank], cuts[rank + 1])
 
 
-def _worker(rank: int, world: int, init_file: str, expected: dict) -> None:
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+def _worker(rank: int, world: int, init_file: str, expected: dict, check=None) -> None:
+    # A collective that one rank skips fails after the timeout instead of hanging the test run.
+    dist.init_process_group(
+        "gloo", init_method=f"file://{init_file}", rank=rank, world_size=world, timeout=timedelta(seconds=120)
+    )
     try:
-        _check_all(rank, world, expected)
+        (check or _check_all)(rank, world, expected)
     finally:
         dist.destroy_process_group()
+    # Leave without the interpreter's teardown: at exit a gloo thread still joinable has (rarely) aborted a
+    # finished worker with "terminate called without an active exception", failing a test whose checks passed.
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+def _spawn(world: int, expected: dict, check=None) -> None:
+    with tempfile.TemporaryDirectory() as folder:
+        init_file = os.path.join(folder, "rendezvous")
+        mp.spawn(_worker, args=(world, init_file, expected, check), nprocs=world, join=True)
 
 
 def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -147,10 +169,7 @@ def _check_all(rank: int, world: int, expected: dict) -> None:
 
 @pytest.mark.parametrize("world", [2, 3])
 def test_distributed_results_equal_one_process(world: int) -> None:
-    expected = _expected()
-    with tempfile.TemporaryDirectory() as folder:
-        init_file = os.path.join(folder, "rendezvous")
-        mp.spawn(_worker, args=(world, init_file, expected), nprocs=world, join=True)
+    _spawn(world, _expected())
 
 
 def test_indices_without_a_process_group_is_an_error() -> None:
@@ -158,3 +177,207 @@ def test_indices_without_a_process_group_is_an_error() -> None:
     g = fastdal.labeled_grad(model, DataLoader(TensorDataset(labeled, labels), batch_size=4))
     with pytest.raises(ValueError, match="indices="):
         fastdal.score(model, DataLoader(TensorDataset(pool), batch_size=4), g, indices=list(range(N_POOL)))
+
+
+# --- A labeled set drawn by a DistributedSampler: its padding is not counted -------------------------------------
+
+PADDED_SIZES, PADDED_BUDGET = (7, 11), 6  # 7 and 11 labeled samples pad by 1 (2 ranks), 2 and 1 (3 ranks)
+
+
+def _expected_padded() -> dict:
+    """One process's G, scores and picks for the first 7 and 11 labeled samples."""
+    model, (pool, labeled, labels) = _model(), _data()
+    pool_loader = DataLoader(TensorDataset(pool), batch_size=4)
+    out = {}
+    for n in PADDED_SIZES:
+        labeled_loader = DataLoader(TensorDataset(labeled[:n], labels[:n]), batch_size=4)
+        for layers in ("last", "all"):
+            g = fastdal.labeled_grad(model, labeled_loader, layers=layers)
+            scores = fastdal.score(model, pool_loader, g)
+            picks = fastdal.query(model, pool_loader, labeled_loader, PADDED_BUDGET, layers=layers)
+            out[n, layers] = {"grad": g.grads, "score": scores, "query": picks}
+    return out
+
+
+def _check_padded(rank: int, world: int, expected: dict) -> None:
+    model, (pool, labeled, labels) = _model(), _data()
+    pool_set = TensorDataset(pool)
+    for n in PADDED_SIZES:
+        labeled_set = TensorDataset(labeled[:n], labels[:n])
+        # batch_size 1 puts the padding in a batch of its own, 3 beside real samples; shuffled samplers pad with
+        # the start of their shuffled list
+        for shuffle, batch_size in ((False, 3), (False, 1), (True, 3)):
+            sampler = DistributedSampler(labeled_set, shuffle=shuffle, seed=5)
+            assert len(sampler) * world > n  # the sampler pads: the case under test
+            labeled_loader = DataLoader(labeled_set, batch_size=batch_size, sampler=sampler)
+            pool_sampler = DistributedSampler(pool_set, shuffle=shuffle, seed=6)
+            pool_loader = DataLoader(pool_set, batch_size=4, sampler=pool_sampler)
+            for layers in ("last", "all"):
+                want, case = expected[n, layers], (n, shuffle, batch_size, layers)
+                g = fastdal.labeled_grad(model, labeled_loader, layers=layers)
+                assert g.num_samples == n, case
+                for name, value in want["grad"].items():
+                    assert _close(g[name], value), (case, name)
+                assert _close(fastdal.score(model, pool_loader, g), want["score"]), case
+                picks = fastdal.query(model, pool_loader, labeled_loader, PADDED_BUDGET, layers=layers)
+                assert _same_picks(picks, want["query"], want["score"]), (case, picks, want["query"])
+
+    labeled_set, n = TensorDataset(labeled, labels), N_LABELED
+    # drop_last=True would leave samples out of G (which ones depends on the set's size): refused, naming it.
+    dropping = DataLoader(labeled_set, batch_size=4, sampler=DistributedSampler(labeled_set, drop_last=True))
+    with pytest.raises(ValueError, match=r"labeled_loader draws with DistributedSampler\(drop_last=True\)"):
+        fastdal.labeled_grad(model, dropping)
+    dropping_pool = DataLoader(pool_set, batch_size=4, sampler=DistributedSampler(pool_set, drop_last=True))
+    labeled_loader = DataLoader(labeled_set, batch_size=4, sampler=DistributedSampler(labeled_set))
+    g = fastdal.labeled_grad(model, labeled_loader)
+    calls = (
+        lambda: fastdal.score(model, dropping_pool, g),
+        lambda: fastdal.query(model, dropping_pool, labeled_loader, 2),
+    )
+    for call in calls:
+        with pytest.raises(ValueError, match=r"pool_loader draws with DistributedSampler\(drop_last=True\)"):
+            call()
+    # The DataLoader's own drop_last cuts the last partial batch (6 or 4 samples a rank, batches of 5): the count tells.
+    short = DataLoader(labeled_set, batch_size=5, drop_last=True, sampler=DistributedSampler(labeled_set))
+    with pytest.raises(ValueError, match=r"labeled_loader yielded \d+ samples but its DistributedSampler draws"):
+        fastdal.labeled_grad(model, short)
+    # Samplers that split the set differently on each rank would count some samples twice and others never.
+    for seed in (rank, 0):  # seeded apart, or one seed but each rank at another epoch
+        apart = DistributedSampler(labeled_set, shuffle=True, seed=seed)
+        apart.set_epoch(rank)
+        with pytest.raises(ValueError, match="DistributedSamplers do not split one labeled set"):
+            fastdal.labeled_grad(model, DataLoader(labeled_set, batch_size=4, sampler=apart))
+    pool_apart = DataLoader(pool_set, batch_size=4, sampler=DistributedSampler(pool_set, shuffle=True, seed=rank))
+    for call in (
+        lambda: fastdal.query(model, pool_apart, labeled_loader, 2),
+        lambda: fastdal.score(model, pool_apart, g),
+    ):
+        with pytest.raises(ValueError, match=r"exactly once: global index \d+ is held by rank"):
+            call()
+    # Without shuffling the seed is not used: samplers seeded apart still split one set.
+    unshuffled = DistributedSampler(labeled_set, shuffle=False, seed=rank)
+    assert fastdal.labeled_grad(model, DataLoader(labeled_set, batch_size=4, sampler=unshuffled)).num_samples == n
+    wrong_world = DistributedSampler(labeled_set, num_replicas=world + 1, rank=rank)
+    with pytest.raises(ValueError, match=f"num_replicas={world + 1}, but the process group has {world} ranks"):
+        fastdal.labeled_grad(model, DataLoader(labeled_set, batch_size=4, sampler=wrong_world))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_labeled_sampler_padding_is_not_counted(world: int) -> None:
+    _spawn(world, _expected_padded(), _check_padded)
+
+
+# --- indices= must partition the pool -------------------------------------------------------------------------
+
+
+def _overlapping(rank: int, world: int) -> list[int]:
+    """Consecutive shards, except that rank 1 also holds rank 0's last sample and the last rank lacks index 22:
+    the counts still add up to N_POOL."""
+    cuts = [round(k * N_POOL / world) for k in range(world + 1)]
+    mine = list(range(cuts[rank], cuts[rank + 1]))
+    if rank == 1:
+        mine = [cuts[1] - 1, *mine]
+    if rank == world - 1:
+        mine = mine[:-1]
+    return mine
+
+
+def _check_partition_errors(rank: int, world: int, expected: dict) -> None:
+    model, (pool, labeled, labels) = _model(), _data()
+    pool_set = TensorDataset(pool)
+    g = fastdal.labeled_grad(model, DataLoader(TensorDataset(labeled, labels), batch_size=4))
+    labeled_loader = DataLoader(Subset(TensorDataset(labeled, labels), [rank]), batch_size=4)
+    twice = round(N_POOL / world) - 1
+    mine = _overlapping(rank, world)
+    loader = DataLoader(Subset(pool_set, mine), batch_size=4)
+    calls = {
+        "query": lambda idx: fastdal.query(model, loader, labeled_loader, 3, indices=idx),
+        "score": lambda idx: fastdal.score(model, loader, g, indices=idx),
+        "features": lambda idx: fastdal.features(model, loader, indices=idx),
+    }
+    for call in calls.values():
+        with pytest.raises(ValueError, match=rf"indices=.*global index {twice} is held by rank 0 and rank 1$"):
+            call(mine)
+    # An index outside 0..N-1: the last rank's last one replaced by 40.
+    outside = [*mine[:-1], 40] if rank == world - 1 else mine
+    with pytest.raises(ValueError, match=rf"rank {world - 1} holds global index 40, outside 0..{N_POOL - 1}"):
+        calls["query"](outside)
+    if world == 2:  # rank 0 holds its first index twice and misses its last
+        doubled = [mine[0], *mine[:-1]] if rank == 0 else [*mine[1:], N_POOL - 1]
+        loader = DataLoader(Subset(pool_set, doubled), batch_size=4)
+        with pytest.raises(ValueError, match=r"global index 0 is held by rank 0 \(2 times\)$"):
+            fastdal.query(model, loader, labeled_loader, 3, indices=doubled)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_indices_must_partition_the_pool(world: int) -> None:
+    _spawn(world, {}, _check_partition_errors)
+
+
+# --- group=False: one rank alone under a default group ---------------------------------------------------------
+
+
+def _local_data(rank: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A rank's own data, of another size on each rank: a collective would mismatch or wait."""
+    pool, labeled, labels = _data()
+    return pool[: 5 + 4 * rank], labeled[: 3 + 2 * rank], labels[: 3 + 2 * rank]
+
+
+def _local_results(model: nn.Module, pool, labeled, labels, group) -> dict:
+    pool_loader = DataLoader(TensorDataset(pool), batch_size=4)
+    labeled_loader = DataLoader(TensorDataset(labeled, labels), batch_size=4)
+    kw = {} if group is None else {"group": group}
+    g = fastdal.labeled_grad(model, labeled_loader, layers="all", **kw)
+    return {
+        "grad": g.grads,
+        "score": fastdal.score(model, pool_loader, g, **kw),
+        "query": fastdal.query(model, pool_loader, labeled_loader, 3, layers="all", **kw),
+        "features": fastdal.features(model, pool_loader, layers="all", rank=4, **kw).sq_norm(),
+    }
+
+
+def _expected_local(world: int) -> dict:
+    return {rank: _local_results(_model(), *_local_data(rank), None) for rank in range(world)}
+
+
+def _no_collective(*args, **kwargs):
+    raise AssertionError("a group=False call ran a collective")
+
+
+def _check_group_false(rank: int, world: int, expected: dict) -> None:
+    model = _model()
+    collectives = ("all_reduce", "all_gather", "all_gather_object", "broadcast", "broadcast_object_list", "barrier")
+    with mock.patch.multiple(dist, **{name: _no_collective for name in collectives}):
+        for _ in range(1 + rank):  # ranks make different numbers of calls
+            got = _local_results(model, *_local_data(rank), False)
+    want = expected[rank]
+    for name, value in want["grad"].items():
+        assert _close(got["grad"][name], value), name
+    assert _close(got["score"], want["score"]) and got["score"].shape == (5 + 4 * rank,)
+    assert torch.equal(got["query"], want["query"])
+    assert _close(got["features"], want["features"])
+    with pytest.raises(ValueError, match="indices="):
+        fastdal.score(model, DataLoader(TensorDataset(_local_data(rank)[0])), got["grad"], group=False, indices=[0])
+    # The ranks still meet in the same collectives afterwards: no call above left one half-done.
+    everyone = [None] * world
+    dist.all_gather_object(everyone, rank)
+    assert everyone == list(range(world))
+
+
+def test_group_false_is_one_process_under_a_default_group() -> None:
+    _spawn(2, _expected_local(2), _check_group_false)
+
+
+@pytest.mark.parametrize("group", [True, 1, "world"])
+def test_group_must_be_none_false_or_a_process_group(group) -> None:
+    model, (_, labeled, labels) = _model(), _data()
+    with pytest.raises(TypeError, match="group must be None.*False.*ProcessGroup"):
+        fastdal.labeled_grad(model, DataLoader(TensorDataset(labeled, labels), batch_size=4), group=group)
+
+
+def test_group_false_without_a_process_group_is_one_process() -> None:
+    model, (pool, labeled, labels) = _model(), _data()
+    pool_loader = DataLoader(TensorDataset(pool), batch_size=4)
+    labeled_loader = DataLoader(TensorDataset(labeled, labels), batch_size=4)
+    g = fastdal.labeled_grad(model, labeled_loader, group=False)
+    assert torch.equal(fastdal.score(model, pool_loader, g, group=False), fastdal.score(model, pool_loader, g))

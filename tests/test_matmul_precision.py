@@ -9,6 +9,8 @@ bound, so the check can tell the two apart.
 """
 
 import importlib
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -84,6 +86,62 @@ def test_torch_cuda_matmul_setting_comes_back(mode):
         assert flags.fp32_precision == "tf32"
     finally:
         flags.fp32_precision = before
+
+
+# How a user may have set TF32 before calling fastdal, through either of torch's APIs or both.
+_USER_TF32_SETTINGS = {
+    "untouched": "",
+    "legacy on": "flags.allow_tf32 = True",
+    "legacy off": "flags.allow_tf32 = False",
+    "new tf32": "flags.fp32_precision = 'tf32'",
+    "new ieee": "flags.fp32_precision = 'ieee'",
+    "global high": "torch.set_float32_matmul_precision('high')",
+    "global medium": "torch.set_float32_matmul_precision('medium')",
+    "generic tf32": "torch.backends.fp32_precision = 'tf32'",
+    "both, disagreeing": "flags.allow_tf32 = True; flags.fp32_precision = 'ieee'",
+}
+
+_TF32_CHECK = """
+import torch
+from fastdal import precision
+flags = torch.backends.cuda.matmul
+
+def read(get):
+    try:
+        return get()
+    except RuntimeError:
+        return "refused"
+
+def settings():
+    return {
+        "allow_tf32": read(lambda: flags.allow_tf32),
+        "cuda matmul": read(lambda: flags.fp32_precision),
+        "global": read(torch.get_float32_matmul_precision),
+        "generic": read(lambda: torch.backends.fp32_precision),
+        "mkldnn matmul": read(lambda: torch.backends.mkldnn.matmul.fp32_precision),
+        "cudnn": read(lambda: torch.backends.cudnn.fp32_precision),
+    }
+
+SETTING
+before = settings()
+for mode in precision.MODES:
+    with precision.torch_cuda_matmuls(mode):
+        inside = read(lambda: flags.allow_tf32)
+        if before["allow_tf32"] != "refused":
+            assert inside == (mode == "tf32"), (mode, inside)
+    assert settings() == before, (mode, before, settings())
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("setting", list(_USER_TF32_SETTINGS))
+def test_tf32_records_agree_inside_and_come_back_exactly(setting):
+    """Inside fastdal's context the legacy ``allow_tf32`` reads as the mode needs (torch refuses to read it,
+    and torch < 2.9 refuses a cuBLAS matmul, when the legacy and new records disagree), and every record of
+    both APIs reads as before afterwards. A fresh process per setting: the records are process-wide."""
+    script = _TF32_CHECK.replace("SETTING", _USER_TF32_SETTINGS[setting])
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-2000:]
 
 
 def test_fastdals_own_matmuls_follow_the_mode():

@@ -96,6 +96,32 @@ def test_explicit_device_matches_default():
     assert torch.equal(fastdal.score(model, pool, g, device="cpu"), fastdal.score(model, pool, g))
 
 
+@pytest.mark.parametrize("call", ["labeled_grad", "score", "features"])
+def test_model_split_over_devices_is_refused_before_any_work(call):
+    """A model whose parameters live on two devices (pipeline-style over GPUs; here the CPU and "meta") gets the
+    documented error naming the devices before a batch is drawn, and is left where it was."""
+    model, make_inputs, classes = build("mlp")
+    labeled, pool = loaders(make_inputs, classes, torch.float64)
+    g = fastdal.labeled_grad(model, labeled, layers="all")
+    model.head.to("meta")
+    drawn = []
+
+    def batches(loader):
+        for batch in loader:
+            drawn.append(batch)
+            yield batch
+
+    run = {
+        "labeled_grad": lambda: fastdal.labeled_grad(model, batches(labeled)),
+        "score": lambda: fastdal.score(model, batches(pool), g),
+        "features": lambda: fastdal.features(model, batches(pool)),
+    }[call]
+    with pytest.raises(ValueError, match=r"model: its parameters are spread over \['cpu', 'meta'\]"):
+        run()
+    assert not drawn
+    assert model.head.weight.device.type == "meta" and model.net[0].weight.device.type == "cpu"
+
+
 class RenormedEmbedding(torch.nn.Module):
     """nn.Embedding(max_norm=...) rescales rows of its weight in place on every forward."""
 

@@ -8,6 +8,13 @@ the Triton kernels run under TRITON_INTERPRET=1 (conftest.py) on the same small 
 
 from __future__ import annotations
 
+import importlib.util
+import json
+import os
+import re
+import subprocess
+import sys
+
 import pytest
 import torch
 
@@ -154,6 +161,95 @@ def test_last_layer_score_non_finite_rows_are_nan(device, backend):
     result = ops.last_layer_score(h, w, b, gw, gb, gamma=2.0, backend=backend)
     bad = torch.tensor([False, True, False, True, False])
     assert torch.isnan(result.score.cpu()[bad]).all() and torch.isfinite(result.score.cpu()[~bad]).all()
+
+
+TRITON_DEVICES = [
+    pytest.param(c.values[0], marks=c.marks, id=c.values[0]) for c in BACKEND_CASES if c.values[1] == "triton"
+]
+
+
+def _triton_last_layer():
+    import importlib
+
+    return importlib.import_module("fastdal.kernels.last_layer_score")
+
+
+@pytest.mark.parametrize(
+    "n, k, sms",
+    [(5, 1000, None), (5, 1000, 2), (100, 1000, 3), (9, 100, None), (70, 300, None), (70, 300, 1)],
+    ids=["a-tile-a-split", "tiles-a-split", "two-row-blocks", "ragged-last-tile", "64-rows", "no-split"],
+)
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_last_layer_score_class_split(device, n, k, sms):
+    """Triton's class split (kernels/last_layer_score.py): programs over ranges of class tiles, their online-softmax
+    states merged per row, against the float64 torch backend. ``sms`` is the GPU size the split plans for (None:
+    132 without a GPU), so that these small sizes take it with one tile a split, several, or not at all."""
+    kernel = _triton_last_layer()
+    h, w, b, gw, gb = _last_inputs(n, 33, k, torch.float32, device)
+    planned = sms or kernel.DEFAULT_SMS
+    launch = kernel.config(n, k, 33, planned)
+    splits = kernel.class_splits(n, k, launch["BLOCK_N"], launch["BLOCK_K"], planned)
+    assert launch["PARTIAL"] == (splits > 1) == (sms != 1)
+    expected = torch_ops.last_layer_score(h.double(), w.double(), b.double(), gw.double(), gb.double(), 2.0)
+    baseline = torch_ops.last_layer_score(h, w, b, gw, gb, 2.0)
+    _close(kernel.last_layer_score(h, w, b, gw, gb, 2.0, sms=sms), expected, baseline, torch.float32)
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # numpy, in Triton's interpreter
+@pytest.mark.parametrize("sms", [None, 2, 1], ids=["a-tile-a-split", "tiles-a-split", "no-split"])
+@pytest.mark.parametrize("device", TRITON_DEVICES)
+def test_last_layer_score_class_split_ties_and_non_finite_rows(device, sms):
+    """The first maximum keeps the label across class splits as within one (torch.argmax's rule), and a row with
+    a non-finite logit gets NaN terms whichever split saw it. N = 70, K = 300: 2 row blocks of 64 and 5 tiles of
+    64 classes, the last of 44; 5 splits of one tile, 2 splits (tiles 0-1, 2-4), or none."""
+    kernel = _triton_last_layer()
+    n, k = 70, 300
+    h, w, b, gw, gb = _last_inputs(n, 20, k, torch.float32, device)
+    # Equal maxima, exactly (a zero row of W and the largest bias: z = 100 for every finite row), in tiles 0, 1,
+    # 2 and twice in 4.
+    for c in (299, 290, 170, 75, 3):
+        w[c] = 0.0
+        b[c] = 100.0
+    # Row 4's maximum is class 180 alone: feature 0 is zero in every other row.
+    h[:, 0] = 0.0
+    h[4] = 0.0
+    h[4, 0] = 1.0
+    w[180, 0] = 1e3
+    h[1, 5] = float("inf")
+    h[67, 3] = float("nan")  # in the second row block
+    bad = torch.zeros(n, dtype=torch.bool)
+    bad[[1, 67]] = True
+    result = kernel.last_layer_score(h, w, b, gw, gb, 2.0, sms=sms)
+    labels = result[3].cpu()
+    assert torch.isnan(result[0].cpu()[bad]).all() and torch.isfinite(result[0].cpu()[~bad]).all()
+    assert ((labels >= 0) & (labels < k)).all()
+    assert labels[4] == 180 and (labels[~bad & (torch.arange(n) != 4)] == 3).all()
+    expected = torch_ops.last_layer_score(*(t.double() for t in (h, w, b, gw, gb)), 2.0)
+    baseline = torch_ops.last_layer_score(h, w, b, gw, gb, 2.0)
+    _close(*([t.cpu()[~bad] for t in out] for out in (result, expected, baseline)), torch.float32)
+
+
+def test_class_splits_fill_the_gpu_without_empty_ranges():
+    """class_splits: one split where the row blocks already give two programs an SM; otherwise enough for two an
+    SM, but never more than the class tiles (each split's range of tiles non-empty) or a grid's y-dimension."""
+    kernel = _triton_last_layer()
+    for sms in (1, 8, 132):
+        for n in (1, 15, 100, 4096, 8192, 20000, 1 << 20):
+            for k in (1, 10, 17, 100, 1000, 50000, 5_000_000):
+                launch = kernel.config(n, k, 64, sms)
+                block_n, block_k = launch["BLOCK_N"], launch["BLOCK_K"]
+                rows, tiles = -(-n // block_n), -(-k // block_k)
+                splits = kernel.class_splits(n, k, block_n, block_k, sms)
+                assert launch["PARTIAL"] == (splits > 1)
+                assert 1 <= splits <= min(tiles, kernel.MAX_SPLITS)
+                if rows >= 2 * sms:
+                    assert splits == 1
+                elif splits < min(tiles, kernel.MAX_SPLITS):
+                    assert rows * splits >= 2 * sms
+                # the kernel's ranges: split j takes tiles [j tiles // splits, (j + 1) tiles // splits)
+                assert all((j + 1) * tiles // splits > j * tiles // splits for j in range(splits))
+    # N = 4096 on 132 SMs: 64 row blocks become 4 splits of the classes, 256 programs.
+    assert kernel.class_splits(4096, 1000, 64, 64, 132) * 64 >= 264
 
 
 # --------------------------------------------------------------------------------------------------
@@ -463,6 +559,87 @@ def test_factored_min_distance_torch_backend_against_materialized_gradients():
 
 
 # --------------------------------------------------------------------------------------------------
+# Index arithmetic of the Triton kernels
+# --------------------------------------------------------------------------------------------------
+
+# Compiles the kernels named in argv[1] for sm_90 (no GPU needed) and prints their Triton IR as JSON. It runs in a
+# process of its own: here TRITON_INTERPRET=1 has replaced the kernels with the interpreter's stand-ins.
+_TTIR_OF_KERNELS = r"""
+import importlib, json, sys
+import triton, triton.compiler
+from triton.backends.compiler import GPUTarget
+
+def ttir(module, name, constexprs):
+    fn = getattr(importlib.import_module(f"fastdal.kernels.{module}"), name)
+    options = {"num_warps": constexprs.pop("num_warps", 4), "num_stages": constexprs.pop("num_stages", 2)}
+    signature = {}
+    for arg, param in zip(fn.arg_names, fn.params):
+        if param.is_constexpr or arg in constexprs:
+            signature[arg] = "constexpr"
+        elif arg.endswith("_ptr"):
+            signature[arg] = "*i64" if arg == "label_ptr" else "*fp32"
+        else:
+            signature[arg] = "fp32" if arg in ("gamma", "offset") else "i32"  # sizes and strides below 2^31
+    source = triton.compiler.ASTSource(fn=fn, signature=signature, constexprs=constexprs)
+    return triton.compile(source, target=GPUTarget("cuda", 90, 32), options=options).asm["ttir"]
+
+print(json.dumps([ttir(m, k, c) for m, k, c in json.loads(sys.argv[1])]))
+"""
+
+
+def _int32_products_of_arguments(ttir: str) -> list[str]:
+    """The int32 multiplications of a kernel's Triton IR with an operand computed from an int32 argument (a size
+    or a stride): each can wrap past 2^31 when the tensors are large, however the launcher typed the argument."""
+    header = re.search(r"tt\.func public @\w+\((.*?)\)\s*attributes", ttir, re.S)
+    assert header is not None, ttir[:2000]
+    derived = set(re.findall(r"(%\w+): i32\b", header.group(1)))
+    lines = ttir.splitlines()
+    grew = True
+    while grew:  # to a fixed point: loops carry values upwards
+        grew = False
+        for line in lines:
+            m = re.match(r"\s*(%\w+)(?::\d+)? = (.*)", line)
+            if m and m.group(1) not in derived and derived & set(re.findall(r"%\w+", m.group(2))):
+                derived.add(m.group(1))
+                grew = True
+    products = []
+    for line in lines:
+        m = re.match(r"\s*%\w+ = arith\.muli (%\w+), (%\w+) : (\S+)", line)
+        if m and (m.group(3) == "i32" or m.group(3).endswith("xi32>")) and derived & {m.group(1), m.group(2)}:
+            products.append(line.strip())
+    return products
+
+
+@pytest.mark.skipif(importlib.util.find_spec("triton") is None, reason="triton is not installed")
+def test_triton_kernels_index_in_int64():
+    """No Triton kernel multiplies a size or a stride in int32 (a weight of d_out d_in >= 2^31 elements, a
+    sequence-first tensor whose position stride times T passes 2^31, a (splits, 8, N) buffer): an index is int64
+    before such a product. Checked on the kernels' Triton IR for sm_90, since a tensor that large (8 GiB) does
+    not fit a test; the check finds the int32 products of the kernels before this rule."""
+    from fastdal.kernels import factored_min_distance, kron_project, last_layer_score, linear_sample_score
+
+    flags = {"HAS_BIAS": True, "HAS_GW": True, "HAS_GB": True, "PRECISION": "tf32x3"}
+    jobs = [
+        ["last_layer_score", "_last_layer_score_kernel", {**last_layer_score.config(5, 300, 33), **flags}],
+        ["last_layer_score", "_last_layer_score_kernel", {**last_layer_score.config(5, 300, 33, 1), **flags}],
+        ["last_layer_score", "_merge_splits_kernel", {"HAS_GW": True, "HAS_GB": True, "BLOCK_N": 128}],
+        ["factored_min_distance", "_factored_min_distance_kernel", factored_min_distance.config(37, 10, 129)],
+        ["kron_project", "_kron_project_kernel", {**kron_project.config(9, 33, 17, 8, 5), "PRECISION": "tf32x3"}],
+    ]
+    for kind, extra in (("direct", {"HAS_G": True}), ("ghost_sq", {}), ("ghost_dot", {})):
+        launch = {**linear_sample_score.config(kind, 9, 33, 17), **extra, "PRECISION": "tf32x3"}
+        jobs.append(["linear_sample_score", f"_{kind}_kernel", launch])
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    run = subprocess.run(
+        [sys.executable, "-c", _TTIR_OF_KERNELS, json.dumps(jobs)], env=env, capture_output=True, text=True
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    found = [_int32_products_of_arguments(ttir) for ttir in json.loads(run.stdout)]
+    assert len(found) == len(jobs)
+    assert not any(found), {f"{m}.{k} {c}": products for (m, k, c), products in zip(jobs, found) if products}
+
+
+# --------------------------------------------------------------------------------------------------
 # Registration of the compiled ops
 # --------------------------------------------------------------------------------------------------
 
@@ -475,6 +652,12 @@ def test_opcheck_last_layer_score(device):
     for bias in (True, False):
         inputs = _last_inputs(5, 9, 7, torch.float32, device, bias=bias)
         torch.library.opcheck(torch.ops.fastdal.last_layer_score.default, (*inputs, 2.0))
+    if device == "cuda":  # a half head (float32 G and outputs): the CUDA kernel's only
+        for dtype in (torch.float16, torch.bfloat16):
+            h, w, b, gw, gb = _last_inputs(5, 9, 7, torch.float32, device)
+            torch.library.opcheck(
+                torch.ops.fastdal.last_layer_score.default, (h.to(dtype), w.to(dtype), b.to(dtype), gw, gb, 2.0)
+            )
 
 
 @needs_extension

@@ -223,11 +223,28 @@ namespace wmma = nvcuda::wmma;
 constexpr int kM = 16, kN = 16, kK = 8;  // the TF32 WMMA shape
 using row_major = wmma::row_major;
 using col_major = wmma::col_major;
+#if FASTDAL_TENSOR_CORES
 using Acc = wmma::fragment<wmma::accumulator, kM, kN, kK, float>;
 template <typename Layout>
 using FragA = wmma::fragment<wmma::matrix_a, kM, kN, kK, wmma::precision::tf32, Layout>;
 template <typename Layout>
 using FragB = wmma::fragment<wmma::matrix_b, kM, kN, kK, wmma::precision::tf32, Layout>;
+#else
+// Device code below sm_80 (a build including 7.5, for Turing GPUs) has no TF32 fragments. The tensor-core
+// instantiations still compile there, to empty bodies (every use of a fragment below is behind
+// FASTDAL_TENSOR_CORES), and the host never launches them on such a device (has_tensor_cores); so stand-ins
+// of the same names suffice.
+template <int Elements>
+struct StandIn {
+  static constexpr int num_elements = Elements;
+  float x[Elements];
+};
+using Acc = StandIn<8>;
+template <typename Layout>
+using FragA = StandIn<4>;
+template <typename Layout>
+using FragB = StandIn<4>;
+#endif
 
 // Offset of element (i, j) of a matrix stored with leading dimension ld in the given layout.
 template <typename Layout>

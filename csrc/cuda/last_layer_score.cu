@@ -35,8 +35,16 @@
 //   ||e||^2 = s2'/s^2 + (s'/s)^2,   e . c = (sc' - c_yhat s') / s,
 // sums of positive terms, where the textbook s2/s^2 - 2/s + 1 cancels to noise when p_yhat ~ 1.
 // The states run in double whatever the input dtype: one exp per (row, class) is nothing next to
-// the 2D multiply-adds behind each logit. The logits themselves are rounded to the input dtype, as
+// the 2D multiply-adds behind each logit. The logits themselves are rounded to the GEMM dtype T, as
 // the torch backend's are.
+//
+// Dtypes. h, W and b come in one dtype In: float32, float64, or (a half model's head) float16 or
+// bfloat16; G_W, G_b, the GEMMs' sums and the outputs in T: In, or float32 for a half In (the dtype
+// of a half model's G). A half chunk is converted to float32 as it goes from registers to shared
+// memory, so every kernel below multiplies float32 whatever In is; global loads move half the bytes.
+// On tensor cores a half value is exact in TF32 (11 or 8 significant bits fit TF32's 11), so z = W h
+// runs as one TF32 product, exact, where "tf32x3" would add two products of zero low parts; c = G_W h
+// keeps the requested precision (G_W is float32). "ieee" and K <= 16 stay SIMT, as for float32.
 #include <torch/library.h>
 
 #include <climits>
@@ -126,11 +134,12 @@ __device__ void write_row(const SoftmaxState& st, acc_t scale, double gamma, con
   out.score[row] = static_cast<T>(sq + gamma * dot);
 }
 
-template <typename T>
+// In: the dtype of h, W and b; T: that of G_W, G_b, the GEMMs and the outputs (see "Dtypes" above).
+template <typename In, typename T>
 struct HeadArgs {
-  const T* h;
-  const T* w;
-  const T* b;   // nullable
+  const In* h;
+  const In* w;
+  const In* b;  // nullable
   const T* gw;  // nullable
   const T* gb;  // nullable
   int64_t n, d;
@@ -167,25 +176,38 @@ using NarrowShape = Shape<2, TN, 1>;
 // Larger K: 8 rows x 4 classes a thread, 8 lanes a row group; 256 rows x 32 classes a block.
 using WideShape = Shape<8, 4, 8>;
 
-// A ROWS x COLS chunk of a row-major matrix (leading dimension ld) on its way to shared memory, in
-// registers, loaded VEC elements at a time: COLS / VEC consecutive threads read a row's chunk (whole
-// sectors), and a thread's loads are a few rows apart, so only a few addresses stay live. With
-// VEC > 1 the caller guarantees ld % VEC == 0 and a 16-byte-aligned matrix.
-template <typename T, int ROWS, int COLS, int VEC>
+// VEC consecutive elements of T moved as one access: float4 or double2 (16 bytes), an aligned pack of
+// 16-bit values (four halves: 8 bytes), or T itself for VEC = 1.
+template <typename T, int VEC>
+struct alignas(sizeof(T) * VEC) Packed {
+  T x[VEC];
+};
+template <typename T, int VEC>
+using Vec = std::conditional_t<
+    VEC == 1, T,
+    std::conditional_t<std::is_same_v<T, float> && VEC == 4, float4,
+                       std::conditional_t<std::is_same_v<T, double> && VEC == 2, double2, Packed<T, VEC>>>>;
+
+// A ROWS x COLS chunk of a row-major matrix of In (leading dimension ld) on its way to shared memory
+// of T, in registers as In (converted to T by the store), loaded VEC elements at a time: COLS / VEC
+// consecutive threads read a row's chunk (whole sectors), and a thread's loads are a few rows apart,
+// so only a few addresses stay live. With VEC > 1 the caller guarantees ld % VEC == 0 and a matrix
+// aligned to VEC elements.
+template <typename In, typename T, int ROWS, int COLS, int VEC>
 struct RowChunk {
   static constexpr int kVecsPerRow = COLS / VEC;
   static constexpr int kRowsPerPass = kThreads / kVecsPerRow;
   static constexpr int kPasses = (ROWS + kRowsPerPass - 1) / kRowsPerPass;
   static_assert(COLS % VEC == 0 && kThreads % kVecsPerRow == 0, "chunk shape");
-  using V = std::conditional_t<VEC == 1, T, std::conditional_t<std::is_same_v<T, float>, float4, double2>>;
-  static_assert(sizeof(V) == VEC * sizeof(T), "VEC is 1 or a 16-byte vector");
+  using V = Vec<In, VEC>;
+  static_assert(sizeof(V) == VEC * sizeof(In), "VEC elements a vector");
   V v[kPasses];
 
   __device__ __forceinline__ static int row_of(int pass, int tid) { return tid / kVecsPerRow + pass * kRowsPerPass; }
   __device__ __forceinline__ static int col_of(int tid) { return tid % kVecsPerRow * VEC; }
 
   // Rows from `rows` on and columns from `cols` on read as zero.
-  __device__ __forceinline__ void load(const T* __restrict__ base, int64_t ld, int64_t rows, int64_t cols, int tid) {
+  __device__ __forceinline__ void load(const In* __restrict__ base, int64_t ld, int64_t rows, int64_t cols, int tid) {
     const int c = col_of(tid);
 #pragma unroll
     for (int pass = 0; pass < kPasses; ++pass) {
@@ -209,8 +231,8 @@ struct RowChunk {
   // dynamically indexed array: the values stay in registers.)
   //
   // Row-major VEC > 1 chunks whose rows are whole vectors (lds % VEC == 0, the staging of the
-  // tensor-core kernel) go as one 16-byte store a vector: a quarter-warp then writes 128
-  // contiguous bytes of one row, free of bank conflicts.
+  // tensor-core kernel) go as one 16-byte store a vector (after conversion, for a half In): a
+  // quarter-warp then writes 128 contiguous bytes of one row, free of bank conflicts.
   template <bool TRANSPOSED>
   __device__ __forceinline__ void store(T* s, int lds, int tid) const {
     const int c = col_of(tid);
@@ -220,7 +242,16 @@ struct RowChunk {
         for (int pass = 0; pass < kPasses; ++pass) {
           const int r = row_of(pass, tid);
           if (ROWS % kRowsPerPass != 0 && r >= ROWS) break;
-          *reinterpret_cast<V*>(s + r * lds + c) = v[pass];
+          if constexpr (std::is_same_v<In, T>) {
+            *reinterpret_cast<V*>(s + r * lds + c) = v[pass];
+          } else {
+            const In* e = reinterpret_cast<const In*>(&v[pass]);
+            Vec<T, VEC> out;
+            T* o = reinterpret_cast<T*>(&out);
+#pragma unroll
+            for (int j = 0; j < VEC; ++j) o[j] = static_cast<T>(e[j]);
+            *reinterpret_cast<Vec<T, VEC>*>(s + r * lds + c) = out;
+          }
         }
         return;
       }
@@ -231,14 +262,14 @@ struct RowChunk {
     for (int pass = 0; pass < kPasses; ++pass) {
       const int r = row_of(pass, tid);
       if (ROWS % kRowsPerPass != 0 && r >= ROWS) break;
-      const T* e = reinterpret_cast<const T*>(&v[pass]);
+      const In* e = reinterpret_cast<const In*>(&v[pass]);
 #pragma unroll
       for (int j = 0; j < VEC; ++j) {
         if constexpr (kSwizzle) {
           const int jj = swap ? (j ^ 2) : j;
-          s[(c + jj) * lds + r] = swap ? e[j ^ 2] : e[j];
+          s[(c + jj) * lds + r] = static_cast<T>(swap ? e[j ^ 2] : e[j]);
         } else {
-          s[TRANSPOSED ? (c + j) * lds + r : r * lds + c + j] = e[j];
+          s[TRANSPOSED ? (c + j) * lds + r : r * lds + c + j] = static_cast<T>(e[j]);
         }
       }
     }
@@ -247,8 +278,9 @@ struct RowChunk {
 
 // A row's final state: to the outputs, or, when the class tiles are split over blockIdx.y, to the
 // split's slot (with the row's scale, once) for merge_splits_kernel.
-template <typename T>
-__device__ __forceinline__ void finish_row(const HeadArgs<T>& p, const SoftmaxState& st, acc_t scale, int64_t row) {
+template <typename In, typename T>
+__device__ __forceinline__ void finish_row(const HeadArgs<In, T>& p, const SoftmaxState& st, acc_t scale,
+                                           int64_t row) {
   if (gridDim.y == 1) {
     write_row(st, scale, p.gamma, p.out, row);
   } else {
@@ -259,8 +291,8 @@ __device__ __forceinline__ void finish_row(const HeadArgs<T>& p, const SoftmaxSt
 
 // VEC: elements of a global load (1, or 16 bytes when D and the pointers allow); fewer, wider loads
 // keep the registers holding the next chunk few.
-template <typename T, typename S, bool HAS_GW, int VEC>
-__global__ void __launch_bounds__(kThreads, 1) last_layer_kernel(const HeadArgs<T> p) {
+template <typename In, typename T, typename S, bool HAS_GW, int VEC>
+__global__ void __launch_bounds__(kThreads, 1) last_layer_kernel(const HeadArgs<In, T> p) {
   constexpr int BN = S::BLOCK_N, BK = S::BLOCK_K, TM = S::TM, TN = S::TN, NTX = S::NTX, NTY = S::NTY;
   constexpr int BD = 64 / sizeof(T);  // 64 bytes of each row a chunk: two full sectors
   constexpr bool kOneTile = S::ONE_TILE;
@@ -294,8 +326,9 @@ __global__ void __launch_bounds__(kThreads, 1) last_layer_kernel(const HeadArgs<
     }
   }
 
-  RowChunk<T, BN, BD, VEC> h_chunk;
-  RowChunk<T, BK, BD, VEC> w_chunk, g_chunk;
+  RowChunk<In, T, BN, BD, VEC> h_chunk;
+  RowChunk<In, T, BK, BD, VEC> w_chunk;
+  RowChunk<T, T, BK, BD, VEC> g_chunk;
   auto fetch = [&](int step) {
     const int64_t k0 = static_cast<int64_t>(kt_begin + step / d_chunks) * BK;
     const int64_t d0 = static_cast<int64_t>(step % d_chunks) * BD;
@@ -362,8 +395,8 @@ __global__ void __launch_bounds__(kThreads, 1) last_layer_kernel(const HeadArgs<
         for (int j = 0; j < TN; ++j) {
           const int k = k0 + j;
           if (k < p.k) {
-            // The logit is rounded to the input dtype, as the torch backend's is.
-            const T z = acc_z[i][j] + (p.b ? p.b[k] : T(0));
+            // The logit is rounded to T, as the torch backend's is.
+            const T z = acc_z[i][j] + (p.b ? static_cast<T>(p.b[k]) : T(0));
             const acc_t c = (HAS_GW ? static_cast<acc_t>(acc_c[i][j]) : acc_t(0)) + (p.gb ? p.gb[k] : T(0));
             push(st, z, c, k);
           }
@@ -415,10 +448,12 @@ struct TcShape {
   static_assert(2 * BLOCK_N == kThreads, "two threads fold each row");
 };
 
-template <Precision P, bool HAS_GW, int VEC>
-__global__ void __launch_bounds__(kThreads, 1) last_layer_tc_kernel(const HeadArgs<float> p) {
+template <Precision P, typename In, bool HAS_GW, int VEC>
+__global__ void __launch_bounds__(kThreads, 1) last_layer_tc_kernel(const HeadArgs<In, float> p) {
 #if FASTDAL_TENSOR_CORES
   using S = TcShape;
+  // A half h and W are exact in TF32: z's one TF32 product is exact ("Dtypes" above).
+  constexpr Precision PZ = std::is_same_v<In, float> ? P : Precision::kTf32;
   constexpr int BN = S::BLOCK_N, BK = S::BLOCK_K, BD = S::BD, LD = S::LD, LDS = S::LDS;
   constexpr int kStage = (BN + (HAS_GW ? 2 : 1) * BK) * LD;   // h, W, G_W chunks
   constexpr int kScratch = (HAS_GW ? 2 : 1) * BN * LDS;        // z, c tiles
@@ -439,8 +474,9 @@ __global__ void __launch_bounds__(kThreads, 1) last_layer_tc_kernel(const HeadAr
   const int d_chunks = d > 0 ? static_cast<int>(ceil_div(d, BD)) : 1;
   const int steps = (kt_end - kt_begin) * d_chunks;
 
-  RowChunk<float, BN, BD, VEC> h_chunk;
-  RowChunk<float, BK, BD, VEC> w_chunk, g_chunk;
+  RowChunk<In, float, BN, BD, VEC> h_chunk;
+  RowChunk<In, float, BK, BD, VEC> w_chunk;
+  RowChunk<float, float, BK, BD, VEC> g_chunk;
   auto fetch = [&](int step) {
     const int64_t k0 = static_cast<int64_t>(kt_begin + step / d_chunks) * BK;
     const int64_t d0 = static_cast<int64_t>(step % d_chunks) * BD;
@@ -466,7 +502,7 @@ __global__ void __launch_bounds__(kThreads, 1) last_layer_tc_kernel(const HeadAr
 
     const int kt = kt_begin + step / d_chunks;
     const float* const a = hs + warp * tc::kM * LD;
-    tc::warp_mma<P, 1, 2, BD / tc::kK, tc::row_major, tc::col_major>(acc_z, a, LD, ws, LD);
+    tc::warp_mma<PZ, 1, 2, BD / tc::kK, tc::row_major, tc::col_major>(acc_z, a, LD, ws, LD);
     if constexpr (HAS_GW) {
       tc::warp_mma<P, 1, 2, BD / tc::kK, tc::row_major, tc::col_major>(acc_c, a, LD, gs, LD);
       if (kt == kt_begin) {  // ||h||^2 rides along the first class tile
@@ -492,7 +528,7 @@ __global__ void __launch_bounds__(kThreads, 1) last_layer_tc_kernel(const HeadAr
         const int k = k0 + j;
         if (k < p.k) {
           const int at = fold_row * LDS + half * (BK / 2) + j;
-          const float z = zs[at] + (p.b ? p.b[k] : 0.0f);  // rounded to float, as the torch backend's
+          const float z = zs[at] + (p.b ? static_cast<float>(p.b[k]) : 0.0f);  // rounded to float, as torch's
           const acc_t c = (HAS_GW ? static_cast<acc_t>(cs[at]) : acc_t(0)) + (p.gb ? p.gb[k] : 0.0f);
           push(st, z, c, k);
         }
@@ -509,8 +545,8 @@ __global__ void __launch_bounds__(kThreads, 1) last_layer_tc_kernel(const HeadAr
 }
 
 // Merges the per-split states of each row (one thread a row), in class order.
-template <typename T>
-__global__ void __launch_bounds__(kThreads) merge_splits_kernel(const HeadArgs<T> p, int splits) {
+template <typename In, typename T>
+__global__ void __launch_bounds__(kThreads) merge_splits_kernel(const HeadArgs<In, T> p, int splits) {
   const int64_t row = static_cast<int64_t>(blockIdx.x) * kThreads + threadIdx.x;
   if (row >= p.n) return;
   SoftmaxState st = p.part[row];
@@ -518,17 +554,19 @@ __global__ void __launch_bounds__(kThreads) merge_splits_kernel(const HeadArgs<T
   write_row(st, p.scale[row], p.gamma, p.out, row);
 }
 
-// Whether the kernels may load 16 bytes at a time: D a multiple of the vector and aligned matrices.
-template <typename T>
-bool vector_loads(const HeadArgs<T>& p) {
+// Whether the kernels may load 16 bytes of T (kVec elements, 8 bytes of a half In) at a time: D a
+// multiple of kVec and matrices aligned to kVec elements.
+template <typename In, typename T>
+bool vector_loads(const HeadArgs<In, T>& p) {
   constexpr int kVec = 16 / sizeof(T);
-  const auto aligned = [](const void* q) { return reinterpret_cast<uintptr_t>(q) % 16 == 0; };
-  return p.d % kVec == 0 && aligned(p.h) && aligned(p.w) && (p.gw == nullptr || aligned(p.gw));
+  const auto aligned = [](const void* q, size_t bytes) { return reinterpret_cast<uintptr_t>(q) % bytes == 0; };
+  return p.d % kVec == 0 && aligned(p.h, kVec * sizeof(In)) && aligned(p.w, kVec * sizeof(In)) &&
+         (p.gw == nullptr || aligned(p.gw, 16));
 }
 
 // Launches kernel, whose tiles are S's, over the row tiles and (where needed) class-tile splits.
-template <typename T, typename S>
-void launch(HeadArgs<T> p, const at::Tensor& h, void (*kernel)(HeadArgs<T>)) {
+template <typename In, typename T, typename S>
+void launch(HeadArgs<In, T> p, const at::Tensor& h, void (*kernel)(HeadArgs<In, T>)) {
   const int64_t row_tiles = ceil_div(p.n, S::BLOCK_N);
   const int64_t k_tiles = ceil_div(p.k, S::BLOCK_K);
   TORCH_CHECK(!S::ONE_TILE || k_tiles == 1, "fastdal (cuda): internal error: a one-tile shape for K = ", p.k);
@@ -553,53 +591,63 @@ void launch(HeadArgs<T> p, const at::Tensor& h, void (*kernel)(HeadArgs<T>)) {
   kernel<<<grid, kThreads, 0, stream>>>(p);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
   if (splits > 1) {
-    merge_splits_kernel<T><<<static_cast<unsigned>(ceil_div(p.n, kThreads)), kThreads, 0, stream>>>(
+    merge_splits_kernel<In, T><<<static_cast<unsigned>(ceil_div(p.n, kThreads)), kThreads, 0, stream>>>(
         p, static_cast<int>(splits));
     C10_CUDA_KERNEL_LAUNCH_CHECK();
   }
 }
 
-template <typename T, typename S, bool HAS_GW>
-void launch_simt(const HeadArgs<T>& p, const at::Tensor& h) {
+template <typename In, typename T, typename S, bool HAS_GW>
+void launch_simt(const HeadArgs<In, T>& p, const at::Tensor& h) {
   constexpr int kVec = 16 / sizeof(T);
-  launch<T, S>(p, h, vector_loads(p) ? last_layer_kernel<T, S, HAS_GW, kVec> : last_layer_kernel<T, S, HAS_GW, 1>);
+  launch<In, T, S>(p, h,
+                   vector_loads(p) ? last_layer_kernel<In, T, S, HAS_GW, kVec> : last_layer_kernel<In, T, S, HAS_GW, 1>);
 }
 
 // The tensor-core kernel for a precision other than "ieee".
-template <bool HAS_GW>
+template <typename In, bool HAS_GW>
 auto tc_kernel(Precision prec, bool vec) {
   if (prec == Precision::kTf32x3) {
-    return vec ? last_layer_tc_kernel<Precision::kTf32x3, HAS_GW, 4> : last_layer_tc_kernel<Precision::kTf32x3, HAS_GW, 1>;
+    return vec ? last_layer_tc_kernel<Precision::kTf32x3, In, HAS_GW, 4>
+               : last_layer_tc_kernel<Precision::kTf32x3, In, HAS_GW, 1>;
   }
-  return vec ? last_layer_tc_kernel<Precision::kTf32, HAS_GW, 4> : last_layer_tc_kernel<Precision::kTf32, HAS_GW, 1>;
+  return vec ? last_layer_tc_kernel<Precision::kTf32, In, HAS_GW, 4> : last_layer_tc_kernel<Precision::kTf32, In, HAS_GW, 1>;
 }
 
-template <typename T, bool HAS_GW>
-void dispatch_shape(const HeadArgs<T>& p, const at::Tensor& h, Precision prec) {
-  if (p.k <= 4) return launch_simt<T, NarrowShape<4>, HAS_GW>(p, h);
-  if (p.k <= 8) return launch_simt<T, NarrowShape<8>, HAS_GW>(p, h);
-  if (p.k <= 12) return launch_simt<T, NarrowShape<12>, HAS_GW>(p, h);
+template <typename In, typename T, bool HAS_GW>
+void dispatch_shape(const HeadArgs<In, T>& p, const at::Tensor& h, Precision prec) {
+  if (p.k <= 4) return launch_simt<In, T, NarrowShape<4>, HAS_GW>(p, h);
+  if (p.k <= 8) return launch_simt<In, T, NarrowShape<8>, HAS_GW>(p, h);
+  if (p.k <= 12) return launch_simt<In, T, NarrowShape<12>, HAS_GW>(p, h);
   // float64 with G_W holds 2 x 16 doubles of z, of c and of W and G_W a step: more than 255
   // registers (ptxas spills). The wide shape serves K <= 32 as a single class tile too, so h is
   // still read once; it only computes 32 columns instead of 16.
   if constexpr (!(std::is_same_v<T, double> && HAS_GW)) {
-    if (p.k <= 16) return launch_simt<T, NarrowShape<16>, HAS_GW>(p, h);
+    if (p.k <= 16) return launch_simt<In, T, NarrowShape<16>, HAS_GW>(p, h);
   }
   if constexpr (std::is_same_v<T, float>) {
     if (prec != Precision::kIeee) {
-      const auto kernel = tc_kernel<HAS_GW>(prec, vector_loads(p));
-      if (has_tensor_cores(kernel)) return launch<float, TcShape>(p, h, kernel);
+      const auto kernel = tc_kernel<In, HAS_GW>(prec, vector_loads(p));
+      if (has_tensor_cores(kernel)) return launch<In, float, TcShape>(p, h, kernel);
     }
   }
-  launch_simt<T, WideShape, HAS_GW>(p, h);
+  launch_simt<In, T, WideShape, HAS_GW>(p, h);
 }
+
+bool is_half(at::ScalarType t) { return t == at::kHalf || t == at::kBFloat16; }
+
+// The dtype of G_W, G_b and the outputs: float32 for a half h, h's dtype otherwise ("Dtypes" above).
+at::ScalarType accumulation_type(const at::Tensor& h) { return is_half(h.scalar_type()) ? at::kFloat : h.scalar_type(); }
 
 void check_inputs(const at::Tensor& h, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                   const std::optional<at::Tensor>& weight_grad, const std::optional<at::Tensor>& bias_grad) {
-  check_float_tensor(h, "h", 2);
+  TORCH_CHECK(h.is_cuda(), "fastdal (cuda): h must be a CUDA tensor, got one on ", h.device());
+  TORCH_CHECK(h.scalar_type() == at::kFloat || h.scalar_type() == at::kDouble || is_half(h.scalar_type()),
+              "fastdal (cuda): h must be float32, float64, float16 or bfloat16, got ", h.scalar_type());
+  TORCH_CHECK(h.dim() == 2, "fastdal (cuda): h must have 2 dimensions, got shape ", h.sizes());
   check_contiguous(h, "h");
   const int64_t d = h.size(1);
-  check_float_tensor(weight, "weight", 2);
+  TORCH_CHECK(weight.dim() == 2, "fastdal (cuda): weight must have 2 dimensions, got shape ", weight.sizes());
   check_like(weight, "weight", h, "h");
   check_contiguous(weight, "weight");
   const int64_t k = weight.size(0);
@@ -608,17 +656,28 @@ void check_inputs(const at::Tensor& h, const at::Tensor& weight, const std::opti
               " classes (rows), got ", weight.sizes());
   TORCH_CHECK(weight_grad.has_value() || bias_grad.has_value(),
               "fastdal (cuda): last_layer_score needs weight_grad, bias_grad or both");
+  const at::ScalarType grad_type = accumulation_type(h);
+  const auto check_grad_type = [&](const at::Tensor& t, const char* name) {
+    TORCH_CHECK(t.scalar_type() == grad_type, "fastdal (cuda): ", name, " must be ", grad_type, " for an h of ",
+                h.scalar_type(), " (float32 for a float16 or bfloat16 h, h's dtype otherwise), got ", t.scalar_type());
+    TORCH_CHECK(t.device() == h.device(), "fastdal (cuda): ", name, " must be on the device of h (", h.device(),
+                "), got ", t.device());
+  };
   if (weight_grad.has_value()) {
     check_float_tensor(*weight_grad, "weight_grad", 2);
-    check_like(*weight_grad, "weight_grad", h, "h");
+    check_grad_type(*weight_grad, "weight_grad");
     check_contiguous(*weight_grad, "weight_grad");
     TORCH_CHECK(weight_grad->sizes() == weight.sizes(), "fastdal (cuda): weight_grad must have the shape of weight ",
                 weight.sizes(), ", got ", weight_grad->sizes());
   }
   for (const auto& [t, name] : {std::pair{&bias, "bias"}, std::pair{&bias_grad, "bias_grad"}}) {
     if (!t->has_value()) continue;
-    check_float_tensor(**t, name, 1);
-    check_like(**t, name, h, "h");
+    TORCH_CHECK((*t)->dim() == 1, "fastdal (cuda): ", name, " must have 1 dimension, got shape ", (*t)->sizes());
+    if (t == &bias) {
+      check_like(**t, name, h, "h");
+    } else {
+      check_grad_type(**t, name);
+    }
     check_contiguous(**t, name);
     TORCH_CHECK((*t)->size(0) == k, "fastdal (cuda): ", name, " must be (", k, ",) to match weight, got ",
                 (*t)->sizes());
@@ -633,28 +692,29 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> last_layer_score_cuda
   check_inputs(h, weight, bias, weight_grad, bias_grad);
   const c10::cuda::CUDAGuard guard(h.device());
   const int64_t n = h.size(0);
-  auto score = at::empty({n}, h.options());
-  auto sq = at::empty({n}, h.options());
-  auto dot = at::empty({n}, h.options());
+  const auto out = h.options().dtype(accumulation_type(h));
+  auto score = at::empty({n}, out);
+  auto sq = at::empty({n}, out);
+  auto dot = at::empty({n}, out);
   auto label = at::empty({n}, h.options().dtype(at::kLong));
   if (n == 0) return {score, sq, dot, label};
-  AT_DISPATCH_FLOATING_TYPES(h.scalar_type(), "last_layer_score_cuda", [&] {
-    HeadArgs<scalar_t> p{};
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, h.scalar_type(), "last_layer_score_cuda", [&] {
+    using T = std::conditional_t<std::is_same_v<scalar_t, double>, double, float>;
+    HeadArgs<scalar_t, T> p{};
     p.h = h.data_ptr<scalar_t>();
     p.w = weight.data_ptr<scalar_t>();
     p.b = data_or_null<scalar_t>(bias);
-    p.gw = data_or_null<scalar_t>(weight_grad);
-    p.gb = data_or_null<scalar_t>(bias_grad);
+    p.gw = data_or_null<T>(weight_grad);
+    p.gb = data_or_null<T>(bias_grad);
     p.n = n;
     p.d = h.size(1);
     p.k = static_cast<int>(weight.size(0));
     p.gamma = gamma;
-    p.out = {score.data_ptr<scalar_t>(), sq.data_ptr<scalar_t>(), dot.data_ptr<scalar_t>(),
-             label.data_ptr<int64_t>()};
+    p.out = {score.data_ptr<T>(), sq.data_ptr<T>(), dot.data_ptr<T>(), label.data_ptr<int64_t>()};
     if (p.gw != nullptr) {
-      dispatch_shape<scalar_t, true>(p, h, prec);
+      dispatch_shape<scalar_t, T, true>(p, h, prec);
     } else {
-      dispatch_shape<scalar_t, false>(p, h, prec);
+      dispatch_shape<scalar_t, T, false>(p, h, prec);
     }
   });
   return {score, sq, dot, label};

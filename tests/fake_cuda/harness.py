@@ -81,7 +81,8 @@ class Watch(TorchDispatchMode):
             return _full_size(func, args, kwargs)
         out = func(*args, **kwargs)
         if _to_host(func, args, kwargs, out):
-            self._wait("copy to the host", func)
+            # Into pinned memory a non-blocking copy returns before the data is there: the host may read garbage.
+            self._wait("asynchronous copy to the host" if kwargs.get("non_blocking") else "copy to the host", func)
         elif not func.is_view and any(isinstance(t, torch.Tensor) and t.device.type == "cuda" for t in _tensors(out)):
             self.launches += 1
         return out
@@ -223,9 +224,10 @@ def gpu_backends(check: LaunchCheck) -> Iterator[None]:
     saved = (backends._machine_reason, torch.cuda.synchronize, ext.has_kernel, jit.JITFunction.run)
     saved_autotune = autotuner.Autotuner.run
     saved_exchange = (torch.cuda._exchange_device, torch.cuda._maybe_exchange_device)
+    saved_properties = torch.cuda.get_device_properties
 
-    def machine_reason(name: str) -> str | None:
-        return None if name in (backends.CUDA, backends.TRITON) else saved[0](name)
+    def machine_reason(name: str, device: torch.device | None = None) -> str | None:
+        return None if name in (backends.CUDA, backends.TRITON) else saved[0](name, device)
 
     def jit_run(self, *args, grid, warmup=False, **kwargs):
         check.launch(self, grid, args, kwargs)
@@ -242,12 +244,27 @@ def gpu_backends(check: LaunchCheck) -> Iterator[None]:
     autotuner.Autotuner.run = autotune_run
     # torch.cuda.device(...), around every Triton launch, swaps the current device: one fake device, index 0.
     torch.cuda._exchange_device = torch.cuda._maybe_exchange_device = lambda device: 0
+    # Launch schedules that size themselves to the GPU ask for its properties: an H100's.
+    torch.cuda.get_device_properties = lambda device=None: _H100
     try:
         yield
     finally:
         backends._machine_reason, torch.cuda.synchronize, ext.has_kernel, jit.JITFunction.run = saved
         autotuner.Autotuner.run = saved_autotune
         torch.cuda._exchange_device, torch.cuda._maybe_exchange_device = saved_exchange
+        torch.cuda.get_device_properties = saved_properties
+
+
+@dataclass(frozen=True)
+class _DeviceProperties:
+    name: str
+    major: int
+    minor: int
+    multi_processor_count: int
+    total_memory: int
+
+
+_H100 = _DeviceProperties("NVIDIA H100 80GB HBM3 (fake)", 9, 0, 132, 80 * 2**30)
 
 
 _WATCHES: list[Watch] = []

@@ -25,17 +25,16 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import boot  # noqa: E402
+import boot
 
 boot.boot()
 
+import harness as H  # noqa: E402
 import torch  # noqa: E402
 from torch import nn  # noqa: E402
 from torch.utils.data import DataLoader, TensorDataset  # noqa: E402
 
 import fastdal  # noqa: E402
-import harness as H  # noqa: E402
-
 
 # --------------------------------------------------------------------------------------------------
 # Models of every family fastdal has a closed form for
@@ -170,6 +169,37 @@ def run(name: str, dtype: str, backend: str, layers, plant: str | None) -> dict:
     return report
 
 
+def split_model() -> dict:
+    """A model split over two GPUs (pipeline style): refused before any work, with the documented error."""
+    mode = H.new_mode()
+    model = nn.Sequential(nn.Linear(6, 8), nn.ReLU(), nn.Linear(8, 3)).eval()
+    H.fake_cuda_model(model, mode)
+    with mode:
+        model[2].weight = nn.Parameter(model[2].weight.to("cuda:1"))
+        model[2].bias = nn.Parameter(model[2].bias.to("cuda:1"))
+    report: dict = {"model": "split", "dtype": "float32", "backend": "auto", "layers": "all", "error": None}
+    x, y = torch.randn(8, 6), torch.randint(0, 3, (8,))
+    try:
+        with H.gpu_backends(H.LaunchCheck()), H.fake_cuda_run(mode):
+            fastdal.labeled_grad(model, DataLoader(TensorDataset(x, y), batch_size=4))
+    except Exception as err:
+        report["error"] = f"{type(err).__name__}: {str(err).splitlines()[0][:300]}"
+    return report
+
+
+def copies() -> dict:
+    """fastdal's batch moves both ways: to the device asynchronously, to the host blocking."""
+    mode = H.new_mode()
+    report: dict = {"model": "copies", "dtype": "float32", "backend": "auto", "layers": "none", "error": None}
+    from fastdal.batches import to_device
+
+    with H.fake_cuda_run(mode) as watch:
+        on_device = to_device((torch.randn(4, 3), {"y": torch.arange(4)}), torch.device("cuda"))
+        to_device(on_device, torch.device("cpu"))
+        report["waits_copies"] = _waits(watch)
+    return report
+
+
 def _waits(watch: H.Watch) -> list[dict]:
     return [{"kind": w.kind, "op": w.op, "frames": list(w.frames[-4:])} for w in watch.waits]
 
@@ -227,6 +257,8 @@ def main() -> None:
     parser.add_argument("--only", nargs="*")
     args = parser.parse_args()
     reports = [run(*s, plant=args.plant) for s in scenarios(args.only)]
+    if not args.only:
+        reports += [split_model(), copies()]
     Path(args.out).write_text(json.dumps(reports, indent=1))
 
 
