@@ -14,7 +14,7 @@ import argparse
 from pathlib import Path
 
 from . import grid
-from .data import LOADERS
+from .data import NAMES
 from .loop import LoopConfig, official_gate
 from .strategies import STRATEGIES
 
@@ -23,7 +23,13 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m fastdal.al", description=__doc__.split("\n\n")[0])
     commands = parser.add_subparsers(dest="command", required=True)
     run = commands.add_parser("run", help="a grid of datasets x strategies x seeds")
-    run.add_argument("--datasets", nargs="+", default=["digits"], choices=sorted(LOADERS))
+    run.add_argument("--datasets", nargs="+", default=["digits"], choices=NAMES)
+    run.add_argument(
+        "--data-dir",
+        default=None,
+        help="folder of an IDX dataset's four standard files (default: where its package installs them, "
+        "/usr/share/datasets/<name>)",
+    )
     run.add_argument("--model", default="cnn", choices=grid.MODELS)
     run.add_argument("--strategies", nargs="+", default=["all"], help=f"'all' or some of {list(STRATEGIES)}")
     run.add_argument("--seeds", type=int, default=3, help="seeds 0 .. N-1")
@@ -85,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     if args.official_gate is not None:
         config = official_gate(config, args.official_gate)
-    rows = grid.run_grid(grid.tasks(args.datasets, args.model, strategies, range(args.seeds), config), args.jobs)
+    rows = grid.run_grid(
+        grid.tasks(args.datasets, args.model, strategies, range(args.seeds), config, data_dir=args.data_dir), args.jobs
+    )
     grid.write_csv(rows, args.out / "rounds.csv")
     (args.out / "table.md").write_text(grid.markdown(rows))
     pictures = grid.plot(rows, args.out)

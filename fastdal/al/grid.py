@@ -62,6 +62,7 @@ class Task:
     strategy: str
     config: LoopConfig
     setting: str = ""  # the name reports group runs by (default: dataset-model)
+    data_dir: str | None = None  # where an IDX dataset's files are (default: where its package installs them)
 
     @property
     def label(self) -> str:
@@ -71,7 +72,7 @@ class Task:
 def run_task(task: Task) -> list[dict]:
     """One run of the loop; rows of the CSV."""
     torch.set_num_threads(1)
-    splits = _splits(task.dataset)
+    splits = _splits(task.dataset, task.data_dir)
 
     def factory() -> torch.nn.Module:
         return make_model(task.model, splits.image_shape, splits.num_classes)
@@ -99,9 +100,9 @@ def run_task(task: Task) -> list[dict]:
 
 
 @functools.cache
-def _splits(dataset: str) -> data.Splits:
+def _splits(dataset: str, data_dir: str | None = None) -> data.Splits:
     """One split per dataset (seeds vary the runs, not the test set), loaded once per worker process."""
-    return data.load(dataset, seed=0)
+    return data.load(dataset, seed=0, data_dir=data_dir)
 
 
 def tasks(
@@ -111,9 +112,13 @@ def tasks(
     seeds: Iterable[int],
     config: LoopConfig,
     setting: str = "",
+    data_dir: str | None = None,
 ) -> list[Task]:
     return [
-        Task(d, model, s, replace(config, seed=seed), setting) for d in datasets for s in strategies for seed in seeds
+        Task(d, model, s, replace(config, seed=seed), setting, data_dir)
+        for d in datasets
+        for s in strategies
+        for seed in seeds
     ]
 
 
