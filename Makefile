@@ -1,7 +1,7 @@
 # The two set-up commands of the README: `make demo` and `make test`. Each installs what it needs.
 PYTHON ?= python3
 
-.PHONY: deps deps-integrations install test fuzz demo bench bench-peers bench-models cmake lint gpu-check gpu-compile
+.PHONY: deps deps-integrations data install test fuzz demo bench bench-peers bench-models cmake lint gpu-check gpu-compile
 
 # torch 2.13.0 (CPU) is installed only where no torch is present, so that a CUDA build already on a
 # GPU machine is used as it is; likewise triton (3.7.1 pairs with torch 2.13). The other packages do
@@ -28,6 +28,16 @@ deps-integrations: deps
 
 install: deps
 	$(PYTHON) -m pip install -e . --no-build-isolation --no-deps
+
+# The complete Fashion-MNIST of the experiments page, from Debian's dataset-fashion-mnist (IDX files in
+# /usr/share/datasets/fashion-mnist): installed with apt-get as root where it is missing, else the command is printed
+# (tests/test_al_idx.py then skips, or fails where FASTDAL_REQUIRE_DATA or CI is set).
+FASHION_MNIST := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
+data:
+	@test -f $(FASHION_MNIST) || { \
+		if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+			apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist; \
+		else echo "Fashion-MNIST is missing: run  sudo apt-get install -y dataset-fashion-mnist"; fi; }
 
 # `pip install .` as people run it, with pip's build isolation: the isolated build has no torch, so the wheel is pure
 # Python and carries the sources of fastdal._C, which its first use compiles into a cache (fastdal/_build.py). In a
@@ -78,7 +88,7 @@ wheel-check:
 
 # Builds fastdal._C in place, so that the tests exercise the compiled backends; the integration tests and
 # the examples run against the real libraries.
-test: install deps-integrations
+test: install deps-integrations data
 	$(PYTHON) -m pytest -q
 	@for example in examples/*.py; do echo "== $$example"; $(PYTHON) $$example || exit 1; done
 	$(PYTHON) -m torch.distributed.run --nproc_per_node=2 examples/distributed_query.py
