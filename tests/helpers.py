@@ -67,3 +67,20 @@ def spearman(a: torch.Tensor, b: torch.Tensor) -> float:
     """Spearman rank correlation (no ties expected among continuous scores)."""
     ranks = [torch.argsort(torch.argsort(t.double())).double() for t in (a, b)]
     return float(torch.corrcoef(torch.stack(ranks))[0, 1])
+
+
+def fashion_mnist_or_skip():
+    """The complete Fashion-MNIST (official splits). Missing, it skips the test, except in CI
+    (``FASTDAL_REQUIRE_DATA`` or ``CI`` set), where the set-up installs it and its absence is a failure."""
+    import os
+
+    import pytest
+
+    from fastdal.al import data
+
+    try:
+        return data.load("fashion-mnist")
+    except FileNotFoundError as error:
+        if os.environ.get("FASTDAL_REQUIRE_DATA") or os.environ.get("CI"):
+            pytest.fail(str(error))
+        pytest.skip(str(error))
