@@ -84,3 +84,41 @@ def test_write_sections_replaces_only_between_markers(tmp_path):
     assert page.read_text() == "head\n<!-- a:start -->\nnew\n<!-- a:end -->\ntail\n"
     with pytest.raises(ValueError, match="lacks the markers"):
         experiments.write_sections(page, {"b": "x"})
+
+
+def test_holm_within_a_declared_family_by_hand():
+    # Figure 3's family for one arm: g2 vs random (p 0.03) and g2 vs the best of margin/BADGE (p 0.02):
+    # sorted 0.02 x 2 = 0.04, then 0.03 x 1 = 0.03, kept monotone at 0.04
+    adjusted = stats.holm_within(("vs random", "vs best"), {"vs best": 0.02, "vs random": 0.03})
+    assert adjusted == {"vs random": pytest.approx(0.04), "vs best": pytest.approx(0.04)}
+    # a NaN p still counts in the family: the other p is doubled
+    adjusted = stats.holm_within(("a", "b"), {"a": 0.01, "b": math.nan})
+    assert adjusted["a"] == pytest.approx(0.02) and math.isnan(adjusted["b"])
+    with pytest.raises(ValueError, match="exactly"):
+        stats.holm_within(("a", "b"), {"a": 0.01})
+    with pytest.raises(ValueError, match="exactly"):
+        stats.holm_within(("a",), {"a": 0.01, "extra": 0.5})
+
+
+def test_ties_are_not_wins():
+    d = stats.paired({0: 1.0, 1: 2.0, 2: 3.0}, {0: 1.0, 1: 1.0, 2: 4.0})
+    assert (d.wins, d.ties, d.seeds) == (1, 1, 3)
+
+
+def test_inconclusive_where_the_paper_effect_is_below_the_detectable_one():
+    up = stats.Paired(0.3, 1.0, 0.2, 6, 10)
+    assert stats.powered_verdict(up, 0.2, paper_effect=0.17, detectable=0.7) == stats.INCONCLUSIVE
+    assert stats.powered_verdict(up, 0.2, paper_effect=2.0, detectable=0.7) == "no difference detected"
+    assert stats.powered_verdict(up, 0.2, paper_effect=2.0, detectable=math.nan) == stats.INCONCLUSIVE
+    assert stats.powered_verdict(up, 0.01, paper_effect=0.17, detectable=0.7) == "better"  # a finding stands
+
+
+def test_difference_in_differences_by_hand():
+    a_after, a_before = {0: 80.0, 1: 82.0, 2: 84.0}, {0: 78.0, 1: 81.0, 2: 80.0}
+    b_after, b_before = {0: 75.0, 1: 76.0, 2: 77.0, 3: 1.0}, {0: 74.0, 1: 76.0, 2: 75.0}
+    d = stats.difference_in_differences(a_after, a_before, b_after, b_before)
+    # gains 2, 1, 4 against 1, 0, 2: differences 1, 1, 2; mean 4/3, sd sqrt(1/3), t = 4 on 2 df
+    from scipy.stats import t as student
+
+    assert d.mean == pytest.approx(4 / 3) and d.std == pytest.approx(math.sqrt(1 / 3))
+    assert d.p == pytest.approx(2 * student.sf(4.0, 2)) and (d.wins, d.seeds) == (3, 3)

@@ -3,14 +3,17 @@
 Runs with the same seed share the initial labeled set, the model's initialization and the order of training
 batches, so two strategies are compared seed by seed: the difference of a per-seed summary (the area under the
 learning curve, i.e. the mean test accuracy over the rounds) with a two-sided paired t-test over the seeds.
-Every table compares several strategies with the same reference, so its p-values are Holm-adjusted over the
-table's rows before any verdict is drawn from them.
+A claim's verdict is drawn from its primary family alone: the few comparisons the claim is about, declared in
+the code before any number is seen, Holm-adjusted within that family (:func:`holm_within`). The tables also show
+each column Holm-adjusted over all of its rows, as exploratory numbers that no verdict reads. Ties (equal per-seed
+values) count as non-wins.
 """
 
 from __future__ import annotations
 
 import math
 from collections import defaultdict
+from collections.abc import Mapping, Sequence
 from typing import NamedTuple
 
 import torch
@@ -21,13 +24,15 @@ LEVEL = 0.05
 
 class Paired(NamedTuple):
     """``a - b`` over the seeds both have: mean and standard deviation of the differences, the paired
-    t-test's p-value (NaN with fewer than 2 seeds or all differences equal), and how many seeds ``a`` won."""
+    t-test's p-value (NaN with fewer than 2 seeds or all differences equal), how many seeds ``a`` won
+    (``a > b``: a tie is not a win) and how many were ties (``a == b``)."""
 
     mean: float
     std: float
     p: float
     wins: int
     seeds: int
+    ties: int = 0
 
 
 def paired(a: dict[int, float], b: dict[int, float]) -> Paired:
@@ -40,7 +45,8 @@ def paired(a: dict[int, float], b: dict[int, float]) -> Paired:
     d = x - y
     std = float(d.std()) if len(seeds) > 1 else math.nan
     p = float(ttest_rel(x.numpy(), y.numpy()).pvalue) if len(seeds) > 1 and std > 0 else math.nan
-    return Paired(float(d.mean()) if seeds else math.nan, std, p, int((d > 0).sum()), len(seeds))
+    mean = float(d.mean()) if seeds else math.nan
+    return Paired(mean, std, p, int((d > 0).sum()), len(seeds), int((d == 0).sum()))
 
 
 def holm(pvalues: list[float]) -> list[float]:
@@ -52,6 +58,49 @@ def holm(pvalues: list[float]) -> list[float]:
         running = max(running, min(1.0, (len(order) - rank) * p))
         adjusted[i] = running
     return adjusted
+
+
+def holm_within(family: Sequence[str], pvalues: Mapping[str, float]) -> dict[str, float]:
+    """Holm's adjustment over exactly the comparisons of a declared primary ``family`` (names -> p-values).
+
+    Every member must have a p-value: a comparison that did not run would otherwise shrink the family silently.
+    A NaN p-value (no test possible) still counts as a member, as if its p were 1, and stays NaN."""
+    if len(set(family)) != len(family):
+        raise ValueError(f"family must name each comparison once, got {list(family)}")
+    if set(family) != set(pvalues):
+        raise ValueError(f"p-values must be given for the family {sorted(family)} exactly, got {sorted(pvalues)}")
+    raw = [pvalues[name] for name in family]
+    adjusted = holm([1.0 if math.isnan(p) else p for p in raw])
+    return {name: math.nan if math.isnan(p) else a for name, p, a in zip(family, raw, adjusted)}
+
+
+INCONCLUSIVE = "inconclusive"
+
+
+def powered_verdict(difference: Paired, adjusted_p: float, paper_effect: float, detectable: float) -> str:
+    """:func:`verdict`, except that a test that rejects nothing says "inconclusive" where the paper's effect
+    (``paper_effect``, in the same units as the differences) is below the test's minimal detectable effect
+    ``detectable`` (see :mod:`.power`; NaN: unknown, so inconclusive too): such a test could not have seen the
+    paper's effect, so its silence is no evidence against it."""
+    found = verdict(difference, adjusted_p)
+    if found != "no difference detected":
+        return found
+    if math.isnan(detectable) or abs(paper_effect) < detectable:
+        return INCONCLUSIVE
+    return found
+
+
+def difference_in_differences(
+    a_after: Mapping[int, float],
+    a_before: Mapping[int, float],
+    b_after: Mapping[int, float],
+    b_before: Mapping[int, float],
+) -> Paired:
+    """``(a_after - a_before) - (b_after - b_before)`` seed by seed, compared with zero (paired t-test): what a
+    change (e.g. more rounds) does for ``a`` beyond what it does for ``b``. Seeds missing anywhere are left out."""
+    seeds = a_after.keys() & a_before.keys() & b_after.keys() & b_before.keys()
+    gain = {s: (a_after[s] - a_before[s]) - (b_after[s] - b_before[s]) for s in seeds}
+    return paired(gain, dict.fromkeys(seeds, 0.0))
 
 
 def verdict(difference: Paired, adjusted_p: float) -> str:
