@@ -9,7 +9,7 @@ from torch import nn
 from torch.utils.data import DataLoader, Subset, TensorDataset
 
 import fastdal
-from fastdal.al.ratio import expected_ratio, query_sets, subset_ratios
+from fastdal.al.ratio import expected_ratio, query_sets, subset_gains, subset_ratios
 from fastdal.al.strategy import _collate_x, _collate_xy
 
 
@@ -23,8 +23,8 @@ def setting():
     return model, TensorDataset(x, y), torch.arange(5), torch.arange(5, 13)
 
 
-def brute_force_ratio(model, dataset, labeled, pool, q) -> float:
-    """Eq. 14 from explicit per-sample gradients of every parameter, one sample at a time."""
+def brute_force_gains(model, dataset, labeled, pool, q) -> tuple[float, float]:
+    """Eq. 14's numerator and denominator from explicit per-sample gradients of every parameter."""
     x, y = dataset.tensors
     params = list(model.parameters())
 
@@ -38,7 +38,12 @@ def brute_force_ratio(model, dataset, labeled, pool, q) -> float:
     g = torch.stack([flat(x[i], pseudo[i]) for i in pool[q].tolist()])
     single = ((g * g).sum(1) + 2 * g @ G).sum()
     total = g.sum(0)
-    return float(single / ((G + total).square().sum() - G.square().sum()))
+    return float(single), float((G + total).square().sum() - G.square().sum())
+
+
+def brute_force_ratio(model, dataset, labeled, pool, q) -> float:
+    numerator, denominator = brute_force_gains(model, dataset, labeled, pool, q)
+    return numerator / denominator
 
 
 @pytest.mark.parametrize("b", [2, 3, 5, 8])
@@ -75,3 +80,13 @@ def test_last_layer_ratio_agrees_with_the_features_path():
     G = fastdal.labeled_grad(model, DataLoader(Subset(dataset, labeled.tolist()), batch_size=4, collate_fn=_collate_xy))
     features = fastdal.features(model, DataLoader(Subset(dataset, pool.tolist()), batch_size=3, collate_fn=_collate_x))
     torch.testing.assert_close(ratio.item(), fastdal.approximation_ratio(features, q, G), rtol=1e-9, atol=1e-12)
+
+
+def test_numerators_and_denominators_apart():
+    """Figure 4's ratio of expectations needs both parts of each ratio, not only their quotient."""
+    model, dataset, labeled, pool = setting()
+    queries = [torch.tensor([1, 4]), torch.tensor([0, 2, 3, 7])]
+    numerators, denominators = subset_gains(model, dataset, labeled, pool, queries)
+    expected = [brute_force_gains(model, dataset, labeled, pool, q) for q in queries]
+    torch.testing.assert_close(numerators, torch.tensor([n for n, _ in expected], dtype=torch.float64))
+    torch.testing.assert_close(denominators, torch.tensor([d for _, d in expected], dtype=torch.float64))

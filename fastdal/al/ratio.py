@@ -36,6 +36,35 @@ def query_sets(n: int, b: int, draws: int, generator: torch.Generator) -> list[T
     return [torch.randperm(n, generator=generator)[:b] for _ in range(draws)]
 
 
+def subset_gains(
+    model: nn.Module,
+    dataset: Dataset,
+    labeled: Sequence[int] | Tensor,
+    pool: Sequence[int] | Tensor,
+    queries: Sequence[Tensor],
+    *,
+    layers: str | Sequence[str] = "all",
+    batch_size: int = 256,
+) -> tuple[Tensor, Tensor]:
+    """For each query set of ``queries`` (positions into ``pool``), the numerator ``sum_{u in Q} Delta({u}|S)``
+    and the denominator ``Delta(Q|S)`` of ``R(Q|S)`` (float64); ``S`` is ``dataset[labeled]`` at its labels, the
+    pool samples are taken at the model's predictions. Kept apart, they give the ratio of expectations too."""
+    labeled, pool = torch.as_tensor(labeled).tolist(), torch.as_tensor(pool)
+    labeled_loader = DataLoader(Subset(dataset, labeled), batch_size=batch_size, collate_fn=_collate_xy)
+    grad = fastdal.labeled_grad(model, labeled_loader, layers=layers)
+    pool_loader = DataLoader(Subset(dataset, pool.tolist()), batch_size=batch_size, collate_fn=_collate_x)
+    parts = fastdal.score(model, pool_loader, grad, return_components=True)
+    single = parts.sq_norm.double() + 2 * parts.dot.double()
+    numerators, denominators = [], []
+    for q in queries:
+        inputs = DataLoader(Subset(dataset, pool[q].tolist()), batch_size=batch_size, collate_fn=_collate_x)
+        summed = fastdal.labeled_grad(model, zip(inputs, parts.pseudo_label[q].split(batch_size)), layers=layers)
+        sq = sum(float(g.double().square().sum()) for g in summed.grads.values())
+        numerators.append(float(single[q].sum()))
+        denominators.append(sq + 2 * float(parts.dot[q].double().sum()))
+    return torch.tensor(numerators, dtype=torch.float64), torch.tensor(denominators, dtype=torch.float64)
+
+
 def subset_ratios(
     model: nn.Module,
     dataset: Dataset,
@@ -46,21 +75,12 @@ def subset_ratios(
     layers: str | Sequence[str] = "all",
     batch_size: int = 256,
 ) -> Tensor:
-    """``R(Q|S)`` (float64) for each query set of ``queries`` (positions into ``pool``); ``S`` is
-    ``dataset[labeled]`` at its labels, the pool samples are taken at the model's predictions."""
-    labeled, pool = torch.as_tensor(labeled).tolist(), torch.as_tensor(pool)
-    labeled_loader = DataLoader(Subset(dataset, labeled), batch_size=batch_size, collate_fn=_collate_xy)
-    grad = fastdal.labeled_grad(model, labeled_loader, layers=layers)
-    pool_loader = DataLoader(Subset(dataset, pool.tolist()), batch_size=batch_size, collate_fn=_collate_x)
-    parts = fastdal.score(model, pool_loader, grad, return_components=True)
-    single = parts.sq_norm.double() + 2 * parts.dot.double()
-    ratios = []
-    for q in queries:
-        inputs = DataLoader(Subset(dataset, pool[q].tolist()), batch_size=batch_size, collate_fn=_collate_x)
-        summed = fastdal.labeled_grad(model, zip(inputs, parts.pseudo_label[q].split(batch_size)), layers=layers)
-        sq = sum(float(g.double().square().sum()) for g in summed.grads.values())
-        ratios.append(float(single[q].sum()) / (sq + 2 * float(parts.dot[q].double().sum())))
-    return torch.tensor(ratios, dtype=torch.float64)
+    """``R(Q|S)`` (float64) for each query set of ``queries``: :func:`subset_gains`' numerator over its
+    denominator."""
+    numerators, denominators = subset_gains(
+        model, dataset, labeled, pool, queries, layers=layers, batch_size=batch_size
+    )
+    return numerators / denominators
 
 
 def expected_ratio(
