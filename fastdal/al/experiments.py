@@ -485,7 +485,9 @@ def protocol_text(profile: Profile) -> str:
         )
     c = settings(profile)[0].config
     lines.append(
-        f"\nTraining (every setting): Adam, lr {c.lr:g}, batch {c.batch_size}, not re-initialized between rounds; "
+        f"\nTraining (every setting): Adam, lr {c.lr:g}, batch {c.batch_size} (a last batch smaller than half a batch "
+        f"is merged into the previous one, so that no batch holds fewer than {(c.batch_size + 1) // 2} samples unless "
+        "the labeled set does), not re-initialized between rounds; "
         f"each round trains at least {c.min_epochs} epochs, then until more than {c.patience} of the round's "
         f"epochs reached {c.target_accuracy:g} training accuracy, at most {c.max_epochs} epochs; test accuracy "
         f"every {c.eval_every} epochs and at the end of the round."

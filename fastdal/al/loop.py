@@ -23,6 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
 
+from .batching import MergedLastBatchSampler
 from .strategy import RoundState, Strategy, _collate_xy
 
 
@@ -192,7 +193,8 @@ def fit(
     generator: torch.Generator,
     test: Dataset | None = None,
 ) -> Fit:
-    """Train on ``train[labeled]`` with Adam.
+    """Train on ``train[labeled]`` with Adam, in shuffled batches of ``config.batch_size`` where a last batch
+    smaller than half a batch is merged into the previous one (:mod:`.batching`).
 
     Training stops after the first epoch, from ``min_epochs`` on, by which more than ``patience`` of the
     round's epochs (not necessarily consecutive, as in the official code) ended with a training accuracy of at
@@ -206,9 +208,9 @@ def fit(
     fitted, tested = 0, []
     for epoch in range(1, config.max_epochs + 1):
         model.train()
-        loader = DataLoader(
-            subset, batch_size=config.batch_size, shuffle=True, generator=generator, collate_fn=_collate_xy
-        )
+        # No tiny last batch: one smaller than half a batch joins the previous one (see .batching)
+        batches = MergedLastBatchSampler(len(subset), config.batch_size, generator)
+        loader = DataLoader(subset, batch_sampler=batches, collate_fn=_collate_xy)
         for x, y in loader:
             if len(y) == 1 and _has_batchnorm(model):
                 continue  # BatchNorm cannot train on a batch of one
