@@ -133,11 +133,19 @@ def test_rounds_record_the_training_state_and_the_best_test_accuracy(digits_subs
             seen.append(value)
         return value
 
-    loop.accuracy, saved = spy, loop.accuracy
+    real_by_class = loop.correct_by_class
+
+    def spy_by_class(model, dataset):  # the end of the round's evaluation, which records the class recall too
+        correct, total = real_by_class(model, dataset)
+        if dataset is test:
+            seen.append(int(correct.sum()) / int(total.sum()))
+        return correct, total
+
+    loop.accuracy, loop.correct_by_class, saved = spy, spy_by_class, (loop.accuracy, loop.correct_by_class)
     try:
         records = al.run(train, test, lambda: grid.make_model("mlp", (1, 8, 8), 10), al.make_strategy("random"), config)
     finally:
-        loop.accuracy = saved
+        loop.accuracy, loop.correct_by_class = saved
     assert len(seen) == 3 * 4  # 3 rounds: epochs 2, 4, 6 and the final evaluation
     for r, chunk in zip(records, [seen[i : i + 4] for i in range(0, 12, 4)]):
         assert r.accuracy == chunk[-1] and r.best_accuracy == max(chunk) >= r.accuracy
@@ -182,3 +190,21 @@ def test_balanced_initial_set(digits_subset):
         counts = torch.bincount(labels[chosen], minlength=10)
         assert counts.sum() == 23 and counts.min() >= 2 and counts.max() <= 3, counts
     assert not torch.equal(picks[0].sort().values, picks[1].sort().values)
+
+
+def test_class_recall_by_hand():
+    from torch import nn
+    from torch.utils.data import TensorDataset
+
+    from fastdal.al import loop
+
+    model = nn.Linear(1, 3, bias=False)
+    with torch.no_grad():
+        model.weight.copy_(torch.tensor([[-1.0], [0.0], [1.0]]))  # x < 0: class 0, x > 0: class 2
+    x = torch.tensor([[-1.0], [-2.0], [3.0], [1.0], [2.0], [-4.0]])
+    y = torch.tensor([0, 0, 0, 2, 1, 2])
+    correct, total = loop.correct_by_class(model, TensorDataset(x, y))
+    assert correct.tolist() == [2, 0, 1] and total.tolist() == [3, 1, 2]
+    fitted = loop.Fit(1, 0.0, 0.0, math.nan)
+    record = loop._record(0, torch.arange(2), model, TensorDataset(x, y), loop.LoopConfig(), fitted, [], 0.0)
+    assert record.class_recall == (2 / 3, 0.0, 0.5) and record.accuracy == 3 / 6

@@ -65,3 +65,22 @@ def test_the_fashion_mnist_arms():
     assert torch.bincount(arm_a.train.tensors[1]).tolist() == [2000] * 10
     assert torch.bincount(arm_b.train.tensors[1]).tolist() == ARM_B_COUNTS
     assert torch.bincount(arm_b.test.tensors[1]).tolist() == [1000] * 10
+
+
+def test_a_grid_run_on_a_fashion_mnist_pool_records_class_recall(tmp_path):
+    fashion_mnist_or_skip()
+    from fastdal.al import grid
+
+    config = loop.LoopConfig(initial=20, b=10, rounds=1, max_epochs=1, balanced_initial=True)
+    spec = pools.PoolSpec(200, pools.OFFICIAL_KEEP_RATIOS)
+    (task,) = grid.tasks(("fashion-mnist",), "mlp", ("random",), (0,), config, "arm-b", pool=spec)
+    rows = grid.run_task(task)
+    assert [r["labeled"] for r in rows] == [20, 30] and rows[0]["setting"] == "arm-b"
+    assert grid._splits("fashion-mnist", None, spec).train.tensors[1].bincount().tolist() == [
+        5, 9, 14, 8, 3, 15, 7, 2, 17, 17  # floor(r x 20) of a 20-a-class pool
+    ]  # fmt: skip
+    grid.write_csv(rows, tmp_path / "rows.csv")
+    read = grid.read_csv(tmp_path / "rows.csv")
+    assert all(len(r["class_recall"]) == 10 for r in read)
+    # the test set is balanced (1,000 a class): the accuracy is the mean of the recalls
+    assert sum(read[-1]["class_recall"]) / 10 == pytest.approx(read[-1]["accuracy"], abs=1e-4)

@@ -21,6 +21,7 @@ from tqdm import tqdm
 from .. import models
 from . import data
 from .loop import LoopConfig, run
+from .pools import PoolSpec
 from .strategies import make_strategy
 
 MODELS = ("mlp", "cnn", "resnet", "vgg")
@@ -39,6 +40,7 @@ COLUMNS = (
     "train_accuracy",
     "epochs",
     "query_seconds",
+    "class_recall",  # each class's test recall, ";"-separated in class order
 )
 
 
@@ -63,6 +65,7 @@ class Task:
     config: LoopConfig
     setting: str = ""  # the name reports group runs by (default: dataset-model)
     data_dir: str | None = None  # where an IDX dataset's files are (default: where its package installs them)
+    pool: PoolSpec | None = None  # train on a pool drawn from the training set (default: the whole set)
 
     @property
     def label(self) -> str:
@@ -72,7 +75,7 @@ class Task:
 def run_task(task: Task) -> list[dict]:
     """One run of the loop; rows of the CSV."""
     torch.set_num_threads(1)
-    splits = _splits(task.dataset, task.data_dir)
+    splits = _splits(task.dataset, task.data_dir, task.pool)
 
     def factory() -> torch.nn.Module:
         return make_model(task.model, splits.image_shape, splits.num_classes)
@@ -94,15 +97,18 @@ def run_task(task: Task) -> list[dict]:
             "train_accuracy": round(r.train_accuracy, 5),
             "epochs": r.epochs,
             "query_seconds": round(r.seconds, 4),
+            "class_recall": ";".join(f"{v:.4f}" for v in r.class_recall),
         }
         for r in records
     ]
 
 
 @functools.cache
-def _splits(dataset: str, data_dir: str | None = None) -> data.Splits:
-    """One split per dataset (seeds vary the runs, not the test set), loaded once per worker process."""
-    return data.load(dataset, seed=0, data_dir=data_dir)
+def _splits(dataset: str, data_dir: str | None = None, pool: PoolSpec | None = None) -> data.Splits:
+    """One split per dataset and pool (seeds vary the runs, not the pool or the test set), loaded once per worker
+    process; with a pool only the pool is kept (the full training set is let go)."""
+    splits = data.load(dataset, seed=0, data_dir=data_dir)
+    return pool.apply(splits) if pool is not None else splits
 
 
 def tasks(
@@ -113,9 +119,10 @@ def tasks(
     config: LoopConfig,
     setting: str = "",
     data_dir: str | None = None,
+    pool: PoolSpec | None = None,
 ) -> list[Task]:
     return [
-        Task(d, model, s, replace(config, seed=seed), setting, data_dir)
+        Task(d, model, s, replace(config, seed=seed), setting, data_dir, pool)
         for d in datasets
         for s in strategies
         for seed in seeds
@@ -150,6 +157,8 @@ def read_csv(path: Path) -> list[dict]:
             row[key] = int(row[key])
         for key in ("accuracy", "best_accuracy", "train_loss", "train_accuracy", "query_seconds"):
             row[key] = float(row[key])
+        recall = row.get("class_recall") or ""  # absent from CSVs written before it was recorded
+        row["class_recall"] = [float(v) for v in recall.split(";")] if recall else []
     return rows
 
 

@@ -77,6 +77,7 @@ class RoundRecord(NamedTuple):
     best_accuracy: float = float("nan")  # best test accuracy seen during the round's training (eval_every)
     train_loss: float = float("nan")  # mean cross-entropy on the labeled set when training stopped (eval mode)
     train_accuracy: float = float("nan")  # accuracy on the labeled set when training stopped
+    class_recall: tuple[float, ...] = ()  # test recall of each class (its accuracy on that class's samples)
 
 
 class Fit(NamedTuple):
@@ -145,9 +146,13 @@ def run(
 
 
 def _record(r, labeled, model, test, config, fitted: Fit, queried: list[int], seconds: float) -> RoundRecord:
-    final = accuracy(model, test, config)
+    correct, total = correct_by_class(model, test)
+    final = int(correct.sum()) / max(int(total.sum()), 1)
+    recall = tuple(int(c) / int(t) if t else math.nan for c, t in zip(correct, total))
     best = final if math.isnan(fitted.best_test) else max(final, fitted.best_test)
-    return RoundRecord(r, len(labeled), final, fitted.epochs, queried, seconds, best, fitted.loss, fitted.accuracy)
+    return RoundRecord(
+        r, len(labeled), final, fitted.epochs, queried, seconds, best, fitted.loss, fitted.accuracy, recall
+    )
 
 
 def _labels(train: Dataset) -> Tensor:
@@ -244,6 +249,26 @@ def loss_and_accuracy(model: nn.Module, dataset: Dataset) -> tuple[float, float]
         total += len(y)
     model.train(was_training)
     return loss / max(total, 1), correct / max(total, 1)
+
+
+@torch.no_grad()
+def correct_by_class(model: nn.Module, dataset: Dataset) -> tuple[Tensor, Tensor]:
+    """For each class, how many of its samples in ``dataset`` the model classifies correctly, and how many
+    there are (eval mode; the model's mode is restored). Their ratio is the class's recall; an imbalanced pool
+    (arm B) can leave the overall accuracy steady while the rare classes' recall moves."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = torch.zeros(0, dtype=torch.long)
+    for x, y in DataLoader(dataset, batch_size=512, collate_fn=_collate_xy):
+        logits = model(x.to(device)).cpu()
+        classes = logits.shape[1]
+        hits = torch.bincount(y[logits.argmax(1) == y], minlength=classes)
+        seen = torch.bincount(y, minlength=classes)
+        correct = hits if not len(correct) else correct + hits
+        total = seen if not len(total) else total + seen
+    model.train(was_training)
+    return correct, total
 
 
 @torch.no_grad()

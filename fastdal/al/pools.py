@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -75,3 +76,16 @@ def pool_splits(splits: Splits, size: int, seed: int = 0, keep_ratios: Sequence[
     if keep_ratios is not None:
         indices = keep_by_class(y, indices, keep_ratios, seed)
     return splits._replace(train=TensorDataset(x[indices], y[indices]))
+
+
+@dataclass(frozen=True)
+class PoolSpec:
+    """A pool as a run asks for it (hashable, so that a worker builds each pool once): ``size`` samples drawn
+    class-stratified with ``seed``, then ``keep_ratios`` applied when given."""
+
+    size: int
+    keep_ratios: tuple[float, ...] | None = None
+    seed: int = 0
+
+    def apply(self, splits: Splits) -> Splits:
+        return pool_splits(splits, self.size, self.seed, self.keep_ratios)
