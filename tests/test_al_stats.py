@@ -111,6 +111,7 @@ def test_inconclusive_where_the_paper_effect_is_below_the_detectable_one():
     assert stats.powered_verdict(up, 0.2, paper_effect=2.0, detectable=0.7) == "no difference detected"
     assert stats.powered_verdict(up, 0.2, paper_effect=2.0, detectable=math.nan) == stats.INCONCLUSIVE
     assert stats.powered_verdict(up, 0.2, paper_effect=math.nan, detectable=0.7) == stats.INCONCLUSIVE
+    assert stats.powered_verdict(up, math.nan, paper_effect=2.0, detectable=0.0) == stats.INCONCLUSIVE  # no test
     assert stats.powered_verdict(up, 0.01, paper_effect=0.17, detectable=0.7) == "better"  # a finding stands
 
 

@@ -64,6 +64,9 @@ def main(argv: list[str] | None = None) -> None:
     )
     experiments.add_argument("--out", type=Path, default=None, help="results folder (default: docs/experiments)")
     experiments.add_argument("--tables-only", action="store_true", help="rebuild the page from the results in --out")
+    experiments.add_argument(
+        "--data-dir", default=None, help="Fashion-MNIST's four IDX files (default: /usr/share/datasets/fashion-mnist)"
+    )
     args = parser.parse_args(argv)
 
     if args.command == "experiments":
@@ -71,7 +74,9 @@ def main(argv: list[str] | None = None) -> None:
 
         if args.quick and args.out is None:
             parser.error("--quick needs --out (it never writes into docs/)")
-        experiments_module.main(out=args.out, jobs=args.jobs, quick=args.quick, tables_only=args.tables_only)
+        experiments_module.main(
+            out=args.out, jobs=args.jobs, quick=args.quick, tables_only=args.tables_only, data_dir=args.data_dir
+        )
         return
     strategies = list(STRATEGIES) if args.strategies == ["all"] else args.strategies
     unknown = [s for s in strategies if s not in STRATEGIES]

@@ -81,11 +81,13 @@ def powered_verdict(difference: Paired, adjusted_p: float, paper_effect: float, 
     """:func:`verdict`, except that a test that rejects nothing says "inconclusive" where the paper's effect
     (``paper_effect``, in the same units as the differences) is below the test's minimal detectable effect
     ``detectable`` (see :mod:`.power`): such a test could not have seen the paper's effect, so its silence is no
-    evidence against it. Where either is unknown (NaN) the silence cannot be weighed either: inconclusive."""
+    evidence against it. Where either is unknown (NaN), or no test was possible (a NaN p: fewer than 2 seeds, or
+    every seed's difference the same), the silence cannot be weighed either: inconclusive."""
     found = verdict(difference, adjusted_p)
     if found != "no difference detected":
         return found
-    if math.isnan(detectable) or math.isnan(paper_effect) or abs(paper_effect) < detectable:
+    unknown = math.isnan(detectable) or math.isnan(paper_effect) or math.isnan(adjusted_p)
+    if unknown or abs(paper_effect) < detectable:
         return INCONCLUSIVE
     return found
 
