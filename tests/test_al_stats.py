@@ -124,3 +124,30 @@ def test_difference_in_differences_by_hand():
 
     assert d.mean == pytest.approx(4 / 3) and d.std == pytest.approx(math.sqrt(1 / 3))
     assert d.p == pytest.approx(2 * student.sf(4.0, 2)) and (d.wins, d.seeds) == (3, 3)
+
+
+def ratio_rows(ratios_by_seed: list[list[float]]) -> list[dict]:
+    """Figure 4 rows after the last training point: each seed's random query sets with the given ratios."""
+    return [
+        {"setting": "s", "seed": seed, "epochs": 80, "b": 10, "train_loss": 0.001, "random_q_mean": 1.0,
+         "random_numerators": [2 * r for r in ratios], "random_denominators": [2.0] * len(ratios)}
+        for seed, ratios in enumerate(ratios_by_seed)
+    ]  # fmt: skip
+
+
+def test_fig4_verdict_reads_the_median_and_the_ratio_of_expectations_with_intervals():
+    close = ratio_rows([[0.98, 1.0, 1.02, 1.01] * 5 for _ in range(5)])
+    assert experiments.fig4_verdict(close).startswith("**Verdict: reproduced.**")
+    far = ratio_rows([[1.5, 1.6, 1.55] * 5 for _ in range(5)])
+    assert experiments.fig4_verdict(far).startswith("**Verdict: not reproduced.**")
+    # Two query sets of twenty with a tiny denominator have ratios of 20: the mean of the ratios is 2.9, far from
+    # 1; the median (1) and the ratio of expectations (40 / 36.2 = 1.105) are barely moved by them, though how
+    # many tiny denominators a resample draws widens the latter's interval across the tolerance's edge
+    skewed = ratio_rows([[1.0] * 20 for _ in range(5)])
+    for row in skewed:
+        row["random_denominators"] = [2.0] * 18 + [0.1, 0.1]
+    text = experiments.fig4_verdict(skewed)
+    assert "median 1.00 [1.00, 1.00]: within" in text and "ratio of expectations 1.10 [" in text
+    assert text.startswith("**Verdict: inconclusive.**") and "]: undecided." in text
+    straddling = ratio_rows([[0.85, 1.0, 1.15] * 3, [0.88, 1.05, 1.1] * 3])
+    assert experiments.fig4_verdict(straddling).startswith("**Verdict: inconclusive.**")
