@@ -15,13 +15,14 @@ deps:
 # The active-learning libraries fastdal.integrations adapts, pinned, for their tests and examples. Each
 # depends on torch (or on a package that does), so they go in with --no-deps, followed by their pure-Python
 # dependencies by name; the last line fails if torch was replaced along the way. (baal's jupyter dependency is
-# for its notebooks only and is left out.)
-INTEGRATIONS := baal==2.1.0 scikit-activeml==1.0.1 skorch==1.4.0 small-text==1.4.1 transformers==5.24.0 \
+# for its notebooks only and is left out; modAL-python 0.4.2.1 declares skorch==0.9.0 but runs on skorch 1.4.0, the
+# version tested, which pip's resolver would refuse.)
+INTEGRATIONS := baal==2.1.0 scikit-activeml==1.0.1 skorch==1.4.0 small-text==1.4.1 transformers==5.24.0 modAL-python==0.4.2.1 \
 	huggingface-hub==2.4.0 tokenizers==0.23.3 safetensors==0.8.0 torchmetrics==1.9.0 lightning-utilities==0.15.3
 INTEGRATION_DEPS := "structlog>=22,<23" makefun tabulate dill pyyaml regex typer "click>=8.4.2" filelock fsspec \
-	httpx2 packaging typing-extensions pillow joblib
+	httpx2 packaging typing-extensions pillow joblib pandas scipy
 deps-integrations: deps
-	@$(PYTHON) -c "import baal, skactiveml, skorch, small_text, transformers" 2>/dev/null || { \
+	@$(PYTHON) -c "import baal, skactiveml, skorch, small_text, transformers, modAL" 2>/dev/null || { \
 		before=$$($(PYTHON) -c "import torch; print(torch.__version__)") && \
 		$(PYTHON) -m pip install --no-deps $(INTEGRATIONS) && $(PYTHON) -m pip install $(INTEGRATION_DEPS) && \
 		test "$$($(PYTHON) -c 'import torch; print(torch.__version__)')" = "$$before"; }

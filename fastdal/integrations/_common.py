@@ -14,6 +14,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
 
 from .. import api, features
 from ..results import check_gamma
@@ -91,3 +92,23 @@ class Acquisition:
             return api.select(feats, b, method="badge", seed=self.seed, backend=self.backend)
         grad = self.labeled_grad(model, labeled_loader)
         return api.select(feats, b, method="greedy", labeled_grad=grad)
+
+
+class OutputAt:
+    """``outputs=`` for a module that may return several outputs: the one at ``index`` (the logits)."""
+
+    def __init__(self, index: int):
+        self.index = index
+
+    def __call__(self, output: Any) -> Tensor:
+        return output[self.index] if isinstance(output, (tuple, list)) else output
+
+    def __repr__(self) -> str:
+        return f"OutputAt({self.index})"
+
+
+def tensor_loader(batch_size: int | None, *tensors: Tensor) -> DataLoader:
+    """Batches of ``tensors`` in index order (adapters map fastdal's positions back to their indices);
+    ``batch_size`` None: one batch."""
+    size = batch_size or max(1, len(tensors[0]))
+    return DataLoader(TensorDataset(*tensors), batch_size=size, shuffle=False)

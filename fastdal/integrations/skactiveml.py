@@ -27,10 +27,9 @@ import numpy as np
 import torch
 from sklearn.base import clone
 from torch import Tensor
-from torch.utils.data import DataLoader, TensorDataset
 
 from .. import api
-from ._common import Acquisition
+from ._common import Acquisition, OutputAt, tensor_loader
 
 try:
     from skactiveml.base import SingleAnnotatorPoolQueryStrategy
@@ -195,7 +194,7 @@ class DynamicAL(SingleAnnotatorPoolQueryStrategy):
         module = clf.neural_net_.module_
         net_batch = clf.neural_net_.batch_size
         size = loader_batch or (net_batch if isinstance(net_batch, int) and net_batch > 0 else None)
-        pool_loader = _loader(size, _as_input(clf, pool_X))
+        pool_loader = tensor_loader(size, _as_input(clf, pool_X))
         labeled_loader = None
         if acquisition.needs_labeled:
             labeled = is_labeled(y, missing_label=self.missing_label_)
@@ -204,7 +203,7 @@ class DynamicAL(SingleAnnotatorPoolQueryStrategy):
                     f"y has no labeled sample: method={self.method!r} needs the labeled set's gradient; "
                     "label some samples first, or use method='badge'"
                 )
-            labeled_loader = _loader(size, _as_input(clf, X[labeled]), _class_indices(clf, y[labeled]))
+            labeled_loader = tensor_loader(size, _as_input(clf, X[labeled]), _class_indices(clf, y[labeled]))
 
         if self.method == "dynamic":
             scores = acquisition.pool_scores(module, pool_loader, labeled_loader)
@@ -251,20 +250,7 @@ class DynamicAL(SingleAnnotatorPoolQueryStrategy):
         return None if size is None else int(size)
 
 
-class _RawOutput:
-    """Picks the module output the classifier's criterion reads, when the module returns several."""
-
-    def __init__(self, index: int):
-        self.index = index
-
-    def __call__(self, output: Any) -> Tensor:
-        return output[self.index] if isinstance(output, (tuple, list)) else output
-
-    def __repr__(self) -> str:
-        return f"_RawOutput({self.index})"
-
-
-def _criterion_output(clf: SkorchClassifier) -> _RawOutput | None:
+def _criterion_output(clf: SkorchClassifier) -> OutputAt | None:
     """The default ``outputs``: the raw module output the classifier trains its criterion on (logits)."""
     criterion = clf.criterion if isinstance(clf.criterion, type) else type(clf.criterion)
     if not (isinstance(criterion, type) and issubclass(criterion, _LOGIT_CRITERIA)):
@@ -285,7 +271,7 @@ def _criterion_output(clf: SkorchClassifier) -> _RawOutput | None:
             f"clf.criterion_output_keys={clf.criterion_output_keys!r} does not name one forward output; "
             "pass outputs= mapping the module's output to its logits"
         )
-    return _RawOutput(forward_outputs[keys[0]][0])
+    return OutputAt(forward_outputs[keys[0]][0])
 
 
 def _fitted_clone(clf: SkorchClassifier, X: np.ndarray, y: np.ndarray, sample_weight: Any) -> SkorchClassifier:
@@ -310,9 +296,3 @@ def _class_indices(clf: SkorchClassifier, labels: np.ndarray) -> Tensor:
     if unknown:
         raise ValueError(f"y holds labels {unknown} that are not in clf.classes_ {clf.classes_.tolist()}")
     return torch.tensor([index[v] for v in labels.tolist()], dtype=torch.long)
-
-
-def _loader(batch_size: int | None, *tensors: Tensor) -> DataLoader:
-    """Batches in index order (fastdal maps results back by position)."""
-    size = batch_size or max(1, len(tensors[0]))
-    return DataLoader(TensorDataset(*tensors), batch_size=size, shuffle=False)
