@@ -1,7 +1,10 @@
 # The two set-up commands of the README: `make demo` and `make test`. Each installs what it needs.
 PYTHON ?= python3
 
-.PHONY: deps deps-integrations data install test fuzz demo bench bench-peers bench-models cmake lint gpu-check gpu-compile
+.PHONY: all deps deps-integrations data install test fuzz demo bench bench-peers bench-models cmake lint gpu-check gpu-compile
+
+# Plain `make`: the packages and the experiments page's data set.
+all: deps data
 
 # torch 2.13.0 (CPU) is installed only where no torch is present, so that a CUDA build already on a
 # GPU machine is used as it is; likewise triton (3.7.1 pairs with torch 2.13). The other packages do

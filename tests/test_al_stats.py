@@ -68,13 +68,13 @@ def test_fig3_verdict_rules():
     behind = [70 + (i * 2) % 5 for i in range(seeds)]
     reproduced = rows_for("s", {"random": behind, "margin": [a - 3 - i % 2 for i, a in enumerate(ahead)],
                                 experiments.DYNAMIC: ahead})  # fmt: skip
-    assert experiments.fig3_verdict(reproduced).startswith("**Verdict: reproduced.**")
+    assert experiments.fig3_verdict(reproduced).startswith("**Exploratory: as the paper.**")
     partly = rows_for("s", {"random": behind, "margin": [a + 3 + i % 2 for i, a in enumerate(ahead)],
                             experiments.DYNAMIC: ahead})  # fmt: skip
-    assert experiments.fig3_verdict(partly).startswith("**Verdict: partly reproduced.**")
+    assert experiments.fig3_verdict(partly).startswith("**Exploratory: partly as the paper.**")
     neither = rows_for("s", {"random": ahead, "margin": ahead, experiments.DYNAMIC: behind})
     text = experiments.fig3_verdict(neither)
-    assert text.startswith("**Verdict: not reproduced.**") and "worse" in text
+    assert text.startswith("**Exploratory: not as the paper.**") and "worse" in text
 
 
 def test_write_sections_replaces_only_between_markers(tmp_path):
