@@ -264,7 +264,8 @@ def gamma_table(rows: list[dict], setting: str) -> str:
     diffs = [stats.paired(final[DYNAMIC], final[g]) for g in others]
     adjusted = stats.holm([d.p for d in diffs])
     lines = [
-        f"**{setting}**: gamma = 2 minus each variant (AUC, final test accuracy %; Holm-adjusted paired t-test)\n",
+        f"**{setting}**: gamma = 2 minus each variant (AUC, final test accuracy %; paired t-test, Holm-adjusted "
+        "over the column (exploratory); wins: seeds strictly ahead (a tie is not a win))\n",
         "| variant | AUC | gamma=2 minus variant | p | gamma=2 wins |",
         "|---|---:|---:|---:|---:|",
         f"| dynamic-g2 | {_cell(list(final[DYNAMIC].values()))} | | | |",
@@ -287,7 +288,8 @@ def rounds_table(rows: list[dict], profile: Profile) -> str:
     name = table1_setting(profile).name
     lines = [
         f"Budget {profile.table1_budget} on {name}; test accuracy % after the last round (mean +- std over "
-        f"{profile.seeds} seeds), best-within-round in brackets; last rows: paired differences.\n",
+        f"{profile.seeds} seeds), best-within-round in brackets; last rows: paired differences (exploratory; "
+        "a tie is not a win).\n",
         "| strategy | " + " | ".join(f"R={r}" for r in profile.table1_rounds) + " |",
         "|---|" + "---:|" * len(profile.table1_rounds),
     ]
